@@ -1,0 +1,1 @@
+"""Benchmark scripts for the reenactment model (run as `python -m benchmarks.<name>`)."""

@@ -1,0 +1,1 @@
+"""Deployment: Triton model repository export, embedded tritonserver, container manifests."""

@@ -1,0 +1,1 @@
+"""FastAPI web service (avatars, reenactments, jobs, real-time stream); no torch imports."""

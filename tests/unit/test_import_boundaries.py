@@ -1,0 +1,23 @@
+"""`model/` stays pure PyTorch: importing it pulls in no service code and prints nothing."""
+
+import subprocess
+import sys
+
+import pytest
+
+FORBIDDEN = ("fastapi", "celery", "redis", "tritonclient", "cv2", "service", "workers", "training")
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["model", "model.inference", "model.convert_official", "model.summary", "model.checkpoint"],
+)
+def test_model_imports_nothing_of_the_service(module: str) -> None:
+    code = (
+        f"import sys, {module}\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""

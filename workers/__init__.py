@@ -1,0 +1,1 @@
+"""Celery workers: fine-tuning and reenactment jobs, Triton through `service.triton` only."""
