@@ -40,11 +40,19 @@ class SpectralNorm(nn.Module):
     @torch.no_grad()
     def _power_iteration(self, w: torch.Tensor, iterations: int) -> None:
         for _ in range(iterations):
-            # In place, so DataParallel replicas and in-flight graphs see consistent buffers.
+            # In place (as the legacy hook), so DataParallel replicas update the shared buffers.
             F.normalize(torch.mv(w.t(), self.u), dim=0, eps=self.eps, out=self.v)
             F.normalize(torch.mv(w, self.v), dim=0, eps=self.eps, out=self.u)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        device = weight.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            # Keep sigma and the power iteration in fp32 under AMP.
+            with torch.autocast(device, enabled=False):
+                return self._normalize(weight)
+        return self._normalize(weight)
+
+    def _normalize(self, weight: torch.Tensor) -> torch.Tensor:
         w = weight.flatten(1)
         u, v = self.u, self.v
         if self.training:

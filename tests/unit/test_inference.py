@@ -86,3 +86,19 @@ def test_bad_inputs_raise_value_errors(model: InferenceModel) -> None:
         model.render(torch.zeros(256), torch.zeros(2, 256))
     with pytest.raises(ValueError, match="dtype"):
         InferenceModel(Reenactor(ModelConfig.preset("tiny-64")), dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_frames() -> None:
+    """Optional torch.compile path (about a minute of inductor compilation on 2 cores)."""
+    torch.manual_seed(0)
+    net = Reenactor(ModelConfig.preset("tiny-64"))
+    eager, compiled = InferenceModel(net), InferenceModel(net, compile=True)
+    frames = torch.rand(2, 3, 64, 64)
+    identity = eager.embed_identity(frames)
+    torch.testing.assert_close(
+        compiled.reenact(identity, frames).rgb,
+        eager.reenact(identity, frames).rgb,
+        atol=1e-5,
+        rtol=1e-4,
+    )

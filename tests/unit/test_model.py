@@ -178,3 +178,14 @@ def test_discriminator_embedding_rows_and_init(tiny: ModelConfig) -> None:
     assert raw.shape == (5, tiny.max_channels)
     assert raw.abs().max() <= 0.1
     assert count_params(disc.embed) == 5 * tiny.max_channels
+
+
+def test_spectral_norm_stays_fp32_under_autocast() -> None:
+    torch.manual_seed(0)
+    layer = spectral_norm(nn.Linear(8, 4), eps=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weight = layer.weight
+        out = layer(torch.randn(2, 8))
+    assert weight.dtype == torch.float32
+    assert layer.parametrizations.weight[0].u.dtype == torch.float32
+    assert out.dtype == torch.bfloat16
