@@ -22,7 +22,7 @@ test-unit: setup  ## the quick loop
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy model media benchmarks
+	$(PY) -m mypy model media training benchmarks scripts
 
 format: setup
 	$(PY) -m ruff check --fix .

@@ -97,6 +97,18 @@ def smooth_boxes(
     return [first if b is None else b for b in out]
 
 
+def fill_gaps(boxes: Sequence[Box | None]) -> list[Box]:
+    """No smoothing: hold the last box through misses; leading misses take the first."""
+    first = next((b for b in boxes if b is not None), None)
+    if first is None:
+        raise ValueError("no detection in the whole track")
+    out, last = [], first
+    for box in boxes:
+        last = box or last
+        out.append(last)
+    return out
+
+
 def box_jitter(boxes: Sequence[Box]) -> float:
     """Mean |second difference| of (cx, cy, side), in units of the mean box side.
 

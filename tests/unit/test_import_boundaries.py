@@ -21,3 +21,13 @@ def test_model_imports_nothing_of_the_service(module: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "module", ["media.video", "media.faces", "media.crop", "media.smoothing", "media.segmentation"]
+)
+def test_media_does_not_load_torch(module: str) -> None:
+    """Workers decode and encode video without paying for torch."""
+    code = f"import sys, {module}\nassert 'torch' not in sys.modules\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,1 @@
+"""Small scripts that make pictures and demos for the docs."""
