@@ -7,11 +7,11 @@ and decoded again, so all jitter in the raw boxes comes from the detector.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.report import emit
 from media.faces import FaceDetector
 from media.smoothing import SmoothingConfig, box_jitter, smooth_boxes
 from media.video import read_frames
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 3.0, 6.0])
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     config = SmoothingConfig()
     results = [{"noise_std": n, **measure(args.frames, n, config)} for n in args.noise]
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoothing": config.__dict__,
         "results": results,
     }
-    print(json.dumps(report, indent=2))
+    emit(report, args.out)
     return 0
 
 

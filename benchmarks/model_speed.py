@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from benchmarks.report import cpu_name, emit
 from model.checkpoint import read_header
 from model.config import PRESETS, ModelConfig
 from model.inference import InferenceModel
@@ -102,15 +101,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
 
 # --- environment ---------------------------------------------------------------------------
 def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_name()
 
 
 def skip_reason(device: str, dtype: str) -> str | None:
@@ -287,12 +278,7 @@ def summary_table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     report = run_benchmark(cfg)
-    text = json.dumps(report, indent=2)
-    if cfg.out is not None:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        cfg.out.write_text(text + "\n")
-    print(summary_table(report), file=sys.stderr)
-    print(text)
+    emit(report, cfg.out, summary_table(report))
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from benchmarks.report import cpu_name, emit
 from training.clipstore import JPEG_QUALITY
 from training.synthetic import identity_for, poses_for, render
 
@@ -54,16 +54,6 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     if a.frames < 1 or a.warmup < 0:
         p.error("need --frames >= 1 and --warmup >= 0")
     return BenchConfig(sizes=sizes, frames=a.frames, warmup=a.warmup, seed=a.seed, out=a.out)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def frames_per_s(step: Callable[[int], Any], cfg: BenchConfig) -> dict[str, float]:
@@ -122,12 +112,7 @@ def summary_table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     report = run_benchmark(cfg)
-    text = json.dumps(report, indent=2)
-    if cfg.out is not None:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        cfg.out.write_text(text + "\n")
-    print(summary_table(report), file=sys.stderr)
-    print(text)
+    emit(report, cfg.out, summary_table(report))
     return 0
 
 
