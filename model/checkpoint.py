@@ -161,6 +161,11 @@ def load_state(module: nn.Module, state: StateDict, what: str, assign: bool = Fa
             f"{what} does not fit its config: missing={_head(missing)} "
             f"unexpected={_head(unexpected)} wrong_shape={_head(wrong_shape)}"
         )
+    # Release checkpoints may store fp16; the module keeps its own dtypes.
+    state = {
+        k: v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v
+        for k, v in state.items()
+    }
     module.load_state_dict(state, strict=True, assign=assign)
 
 

@@ -45,8 +45,12 @@ class Discriminator(nn.Module):
             c_out = min(2 * c, cfg.max_channels)
             blocks.append(DiscriminatorBlock(c, c_out, True, cfg.sn_eps))
             c, res = c_out, res // 2
-        blocks.append(DiscriminatorBlock(c, c, False, cfg.sn_eps))
+        # The last block ends at identity_dim channels (512 = max_channels in official-256),
+        # so the projection embedding lives in identity space: the embedding-match loss
+        # compares it with identity vectors and fine-tuning initialises it from one.
+        blocks.append(DiscriminatorBlock(c, cfg.identity_dim, False, cfg.sn_eps))
         self.blocks = nn.ModuleList(blocks)
+        c = cfg.identity_dim
         self.linear = spectral_norm(nn.Linear(c, 1), cfg.sn_eps)
         embed = nn.Embedding(cfg.num_labels, c)
         nn.init.uniform_(embed.weight, -0.1, 0.1)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.encoders import IdentityEncoder, PoseEncoder
+from model.encoders import IdentityEmbedding, IdentityEncoder, PoseEncoder
 from model.generator import Generator, GeneratorOutput
+
+
+@dataclass
+class ReenactmentOutput(GeneratorOutput):
+    identity: IdentityEmbedding  # mean and per-frame vectors (frame 0 feeds embedding match)
 
 
 class Reenactor(nn.Module):
@@ -34,6 +41,8 @@ class Reenactor(nn.Module):
             identity = identity.expand(pose.shape[0], -1)
         return self.generator(identity, pose)
 
-    def forward(self, identity_frames: torch.Tensor, driver: torch.Tensor) -> GeneratorOutput:
+    def forward(self, identity_frames: torch.Tensor, driver: torch.Tensor) -> ReenactmentOutput:
         """Meta-learning forward: K identity frames and one driver frame per sample."""
-        return self.render(self.embed_identity(identity_frames), self.encode_pose(driver))
+        identity = self.identity_encoder(identity_frames)
+        out = self.render(identity.mean, self.encode_pose(driver))
+        return ReenactmentOutput(rgb=out.rgb, mask=out.mask, identity=identity)

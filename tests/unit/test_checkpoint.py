@@ -22,6 +22,7 @@ from model.config import ModelConfig
 from model.discriminator import Discriminator
 from model.inference import InferenceModel
 from model.reenactor import Reenactor
+from model.release import main as release
 
 
 @pytest.fixture
@@ -123,3 +124,23 @@ def test_save_is_atomic(tmp_path: Path, tiny: ModelConfig) -> None:
         tmp_path / "a.safetensors", Checkpoint(tiny, Reenactor(tiny).state_dict())
     )
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_release_checkpoint_is_small_and_equivalent(
+    saved: tuple[Path, Reenactor], tmp_path: Path
+) -> None:
+    path, _ = saved
+    out = tmp_path / "release.safetensors"
+    assert release([str(path), str(out)]) == 0
+    slim = load_checkpoint(out)
+    assert slim.ema is None and slim.discriminator is None
+    assert next(iter(slim.reenactor.values())).dtype in (torch.float16, torch.int64)
+    assert out.stat().st_size < path.stat().st_size / 4
+    frames = torch.rand(2, 3, 64, 64)
+    full, small = InferenceModel.from_checkpoint(path), InferenceModel.from_checkpoint(out)
+    assert next(small.net.parameters()).dtype == torch.float32
+    identity = full.embed_identity(frames)
+    assert (
+        full.reenact(identity, frames).rgb - small.reenact(identity, frames).rgb
+    ).abs().max() < 0.02
+    assert small.avatar_identity is not None

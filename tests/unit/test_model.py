@@ -175,9 +175,9 @@ def test_adain_is_instance_norm_times_gamma_plus_beta() -> None:
 def test_discriminator_embedding_rows_and_init(tiny: ModelConfig) -> None:
     disc = Discriminator(ModelConfig.preset("tiny-64", num_labels=5))
     raw = disc.embed.parametrizations.weight.original
-    assert raw.shape == (5, tiny.max_channels)
+    assert raw.shape == (5, tiny.identity_dim)  # identity space, for embedding match
     assert raw.abs().max() <= 0.1
-    assert count_params(disc.embed) == 5 * tiny.max_channels
+    assert count_params(disc.embed) == 5 * tiny.identity_dim
 
 
 def test_spectral_norm_stays_fp32_under_autocast() -> None:

@@ -1,0 +1,355 @@
+"""Meta-learning (paper Section 3): `train(config)`, one function top to bottom.
+
+Per iteration, as the official code does: one forward of the reenactor; G loss backward
+and step; discriminator gradients zeroed; D loss (fake detached, embedding detached on the
+fake pass, then real) backward and step; EMA update of the reenactor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from model.checkpoint import Checkpoint, instantiate, load_checkpoint, load_state, save_checkpoint
+from model.config import ModelConfig
+from model.discriminator import Discriminator, DiscriminatorOutput
+from model.reenactor import Reenactor
+from training import losses as L
+from training.config import TrainConfig, save_config, to_dict
+from training.data import Sample, VideoDataset
+from training.distributed import DistInfo, average_gradients, init_from_env, shutdown, unwrap
+
+log = logging.getLogger("training")
+STATE_FILE = "train_state.pt"
+LAST_CHECKPOINT = "last.safetensors"
+
+
+class EpochSampler(Sampler[int]):
+    """Seeded permutation per epoch, split across ranks, resumable mid-epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, info: DistInfo):
+        self.n, self.batch_size, self.seed, self.info = n, batch_size, seed, info
+        self.epoch, self.start_batch = 0, 0
+
+    def batches_per_epoch(self) -> int:
+        return max(1, self.n // (self.batch_size * self.info.world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        # Repeat the permutation so tiny datasets still fill whole batches.
+        reps = math.ceil(self.batch_size * self.info.world_size / self.n)
+        order = order.repeat(reps)[
+            : self.batches_per_epoch() * self.batch_size * self.info.world_size
+        ]
+        mine = order[self.info.rank :: self.info.world_size]
+        return iter(mine[self.start_batch * self.batch_size :].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch() - self.start_batch) * self.batch_size
+
+
+class EMA:
+    """Running average of the reenactor: parameters averaged, buffers copied (official)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        cfg: ModelConfig = unwrap(model).cfg  # type: ignore[assignment]
+        self.model = instantiate(Reenactor, cfg, _clone_state(model), "ema")
+        self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        src = unwrap(model)
+        for p_ema, p in zip(self.model.parameters(), src.parameters(), strict=True):
+            p_ema.lerp_(p.detach(), 1 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), src.buffers(), strict=True):
+            b_ema.copy_(b)
+
+
+def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def pick_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return torch.device(name)
+
+
+def build_perceptual(cfg: TrainConfig) -> dict[str, L.PerceptualLoss]:
+    """Perceptual networks for the active terms; a weight without a weights file is an error."""
+    nets = {}
+    for kind, path in (("vgg19", cfg.vgg19_weights), ("vggface", cfg.vggface_weights)):
+        if getattr(cfg.losses, kind) == 0:
+            continue
+        if path is None:
+            raise ValueError(
+                f"losses.{kind} > 0 needs {kind}_weights (a local file); "
+                f"set losses.{kind}=0 to train without it"
+            )
+        nets[kind] = L.PerceptualLoss(kind, path, cfg.perceptual_official_input_range)
+    return nets
+
+
+def generator_losses(
+    cfg: TrainConfig,
+    out: Any,
+    batch: Sample,
+    disc: Discriminator,
+    d_real: DiscriminatorOutput,
+    perceptual: dict[str, L.PerceptualLoss],
+) -> dict[str, torch.Tensor]:
+    """Every active G term, unweighted; `total` is the weighted sum."""
+    w = cfg.losses
+    fake = out.masked_rgb
+    real = batch.target * batch.mask
+    d_fake = disc(fake, batch.label)
+    terms: dict[str, torch.Tensor] = {}
+    if w.adversarial:
+        terms["adversarial"] = L.hinge_g(d_fake.score)
+    if w.feature_matching:
+        terms["feature_matching"] = L.feature_matching(d_fake.features, d_real.features)
+    for kind, net in perceptual.items():
+        terms[kind] = net(fake, real)
+    if w.dice:
+        terms["dice"] = L.dice(out.mask, batch.mask)
+    if w.embedding_match:
+        rows = disc.embed(batch.label)
+        terms["embedding_match"] = L.embedding_match(out.identity.per_frame[:, 0], rows)
+    if w.l1:
+        terms["l1"] = (fake - real).abs().mean()
+    terms["total"] = sum(getattr(w, k) * v for k, v in terms.items())  # type: ignore[assignment]
+    return terms
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) meta-learning; returns the path of the last checkpoint."""
+    # --- setup ------------------------------------------------------------------------
+    device_type = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    info = init_from_env(device_type)
+    device = pick_device(cfg.device, info)
+    run_dir = Path(cfg.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    dataset = VideoDataset(cfg.data)
+    model_cfg = ModelConfig.preset(cfg.preset, num_labels=dataset.num_labels)
+    size = dataset[0].pose_image.shape[-1]
+    if size != model_cfg.image_size:
+        raise ValueError(
+            f"data crops are {size}px but {cfg.preset} needs {model_cfg.image_size}px; "
+            f"set data.image_size={model_cfg.image_size}"
+        )
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    reenactor = Reenactor(model_cfg).to(device)
+    disc = Discriminator(model_cfg).to(device)
+    ema = EMA(reenactor, cfg.ema_decay)
+    perceptual = {k: v.to(device) for k, v in build_perceptual(cfg).items()}
+    active = [k for k, v in to_dict(cfg.losses).items() if v]
+    if info.is_main:
+        log.info("active losses: %s (weights %s)", active, to_dict(cfg.losses))
+    o = cfg.optim
+    opt_g = torch.optim.Adam(reenactor.parameters(), o.lr_g, betas=o.betas, eps=o.eps)
+    opt_d = torch.optim.Adam(disc.parameters(), o.lr_d, betas=o.betas, eps=o.eps)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
+    use_amp = amp_dtype is not None and device.type == "cuda"
+    scaler_g = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
+    scaler_d = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
+
+    # --- resume -------------------------------------------------------------------------
+    step = 0
+    sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, info)
+    if (run_dir / STATE_FILE).exists():
+        step = _resume(run_dir, reenactor, disc, ema, opt_g, opt_d, sampler, device)
+        if info.is_main:
+            log.info("resumed from step %d", step)
+    model: nn.Module = reenactor
+    if info.enabled:
+        model = DistributedDataParallel(
+            reenactor, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    writer = SummaryWriter(str(run_dir / "tb")) if info.is_main else None
+
+    # --- loop ---------------------------------------------------------------------------
+    batches = _batches(dataset, sampler, cfg, device)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not info.is_main)
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        batch = next(batches)
+        model.train(), disc.train()
+        update_g = cfg.update == "combined" or step % 2 == 1
+        update_d = cfg.update == "combined" or step % 2 == 0
+        # Three discriminator passes per step, as official: real (D loss and the feature-
+        # matching targets), fake for G (D frozen), fake detached for D.
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            out = model(batch.identity_images, batch.pose_image)
+            with torch.set_grad_enabled(update_d):
+                d_real = disc(batch.target * batch.mask, batch.label)
+        # generator step
+        disc.requires_grad_(False)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            g_terms = generator_losses(cfg, out, batch, disc, d_real, perceptual)
+        disc.requires_grad_(True)
+        if update_g:
+            opt_g.zero_grad(set_to_none=True)
+            scaler_g.scale(g_terms["total"]).backward()
+            _clip(scaler_g, opt_g, reenactor, o.grad_clip)
+            scaler_g.step(opt_g)
+            scaler_g.update()
+        # discriminator step
+        d_loss = torch.zeros((), device=device)
+        if update_d:
+            opt_d.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                d_fake = disc(out.masked_rgb.detach(), batch.label, detach_embed=True)
+                d_loss = L.hinge_d(d_real.score, d_fake.score)
+            scaler_d.scale(d_loss).backward()
+            average_gradients(disc, info)
+            _clip(scaler_d, opt_d, disc, o.grad_clip)
+            scaler_d.step(opt_d)
+            scaler_d.update()
+        ema.update(reenactor)
+        step += 1
+        bar.update()
+
+        # --- logging and checkpoints ------------------------------------------------------
+        if writer is not None and (step % cfg.log_every == 0 or step == cfg.steps):
+            scalars = {f"g/{k}": v.item() for k, v in g_terms.items()}
+            scalars["d/hinge"] = d_loss.item()
+            scalars["speed/it_per_s"] = cfg.log_every / max(time.perf_counter() - t0, 1e-9)
+            t0 = time.perf_counter()
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, step)
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+            bar.set_postfix(g=f"{scalars['g/total']:.3f}", d=f"{scalars['d/hinge']:.3f}")
+        if writer is not None and (step % cfg.image_every == 0 or step == cfg.steps):
+            grid = _image_grid(batch, out)
+            writer.add_image("samples", grid, step)
+            (run_dir / "samples").mkdir(exist_ok=True)
+            save_image(grid, run_dir / "samples" / f"{step:07d}.png")
+        if (step % cfg.checkpoint_every == 0 or step == cfg.steps) and info.is_main:
+            _save(run_dir, cfg, step, reenactor, disc, ema, opt_g, opt_d, sampler)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    shutdown(info)
+    return run_dir / LAST_CHECKPOINT
+
+
+# --- helpers -------------------------------------------------------------------------------
+def _batches(
+    dataset: VideoDataset, sampler: EpochSampler, cfg: TrainConfig, device: torch.device
+) -> Iterator[Sample]:
+    """Endless batches; advances the epoch (and the dataset's draws) at each pass."""
+    while True:
+        dataset.set_epoch(sampler.epoch)
+        # Its own generator: a loader seeding workers from the global RNG would shift the
+        # dropout stream whenever a resumed run creates its loader at a different point.
+        loader = DataLoader(
+            dataset,
+            cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(cfg.seed + sampler.epoch),
+        )
+        for batch in loader:
+            sampler.start_batch += 1
+            yield Sample(*(t.to(device) for t in batch))  # type: ignore[arg-type]
+        sampler.epoch, sampler.start_batch = sampler.epoch + 1, 0
+
+
+def _clip(
+    scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer, module: nn.Module, norm: float | None
+) -> None:
+    if norm is not None:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(module.parameters(), norm)
+
+
+def _image_grid(batch: Sample, out: Any, n: int = 4) -> torch.Tensor:
+    """Rows: identity frame 0, augmented driver, output, predicted mask, target."""
+    n = min(n, batch.pose_image.shape[0])
+    rows = [
+        batch.identity_images[:n, 0],
+        batch.pose_image[:n],
+        out.masked_rgb[:n].detach().clamp(0, 1),
+        out.mask[:n].detach().expand(-1, 3, -1, -1),
+        (batch.target * batch.mask)[:n],
+    ]
+    return make_grid(torch.cat(rows).float().cpu(), nrow=n, padding=2)
+
+
+def _save(
+    run_dir: Path,
+    cfg: TrainConfig,
+    step: int,
+    reenactor: nn.Module,
+    disc: nn.Module,
+    ema: EMA,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    sampler: EpochSampler,
+) -> None:
+    """Model checkpoint (our format) plus optimiser/RNG/data state, each written atomically."""
+    ckpt = Checkpoint(
+        config=unwrap(reenactor).cfg,  # type: ignore[arg-type]
+        reenactor=unwrap(reenactor).state_dict(),
+        ema=ema.model.state_dict(),
+        discriminator=disc.state_dict(),
+        info={"step": step, "train_config": to_dict(cfg)},
+    )
+    save_checkpoint(run_dir / LAST_CHECKPOINT, ckpt)
+    state = {
+        "step": step,
+        "opt_g": opt_g.state_dict(),
+        "opt_d": opt_d.state_dict(),
+        "epoch": sampler.epoch,
+        "start_batch": sampler.start_batch,
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = run_dir / f".{STATE_FILE}.tmp"
+    torch.save(state, tmp)
+    tmp.replace(run_dir / STATE_FILE)
+
+
+def _resume(
+    run_dir: Path,
+    reenactor: nn.Module,
+    disc: nn.Module,
+    ema: EMA,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    sampler: EpochSampler,
+    device: torch.device,
+) -> int:
+    ckpt = load_checkpoint(run_dir / LAST_CHECKPOINT)
+    load_state(reenactor, ckpt.reenactor, "reenactor")
+    assert ckpt.ema is not None
+    assert ckpt.discriminator is not None
+    load_state(ema.model, ckpt.ema, "ema")
+    load_state(disc, ckpt.discriminator, "discriminator")
+    state = torch.load(run_dir / STATE_FILE, map_location=device, weights_only=True)
+    opt_g.load_state_dict(state["opt_g"])
+    opt_d.load_state_dict(state["opt_d"])
+    sampler.epoch, sampler.start_batch = state["epoch"], state["start_batch"]
+    torch.set_rng_state(state["torch_rng"].cpu())
+    return int(state["step"])
