@@ -66,12 +66,19 @@ class InferenceModel:
         weights: Literal["ema", "raw"] = "ema",
         expect_preset: str | None = None,
         compile: bool = False,
+        base: str | os.PathLike[str] | None = None,
     ) -> InferenceModel:
-        """Load a checkpoint; EMA weights by default, as the official inference does."""
+        """Load a checkpoint; EMA weights by default, as the official inference does.
+
+        A `light` avatar checkpoint holds only the tensors fine-tuning changed: pass the
+        shared checkpoint it was tuned from as `base`, and its tensors fill in the rest.
+        """
         ckpt = load_checkpoint(path, expect_preset=expect_preset)
-        reenactor = instantiate(
-            Reenactor, ckpt.config, ckpt.weights(weights), f"{path} ({weights} weights)"
-        )
+        state = ckpt.weights(weights)
+        if base is not None:
+            base_ckpt = load_checkpoint(base, expect_preset=ckpt.config.name)
+            state = {**base_ckpt.weights(weights), **state}
+        reenactor = instantiate(Reenactor, ckpt.config, state, f"{path} ({weights} weights)")
         return cls(reenactor, device, dtype, compile, ckpt.avatar_identity(weights))
 
     # --- public API ----------------------------------------------------------------------

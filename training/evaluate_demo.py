@@ -104,14 +104,7 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
         "step": info.get("step"),
         "held_out_identities": len(clips),
         "pairs_frames": len(errors["trained"]),
-        "columns_of_grid": [
-            "driver B",
-            "identity A",
-            "ground truth A<-B",
-            "trained",
-            "copy A",
-            "untrained",
-        ],
+        "grid_columns": ["driver B", "identity A", "ground truth A<-B", *methods],
         "l1": {m: float(np.mean(v)) for m, v in errors.items()},
         "psnr_db": {m: float(np.mean(v)) for m, v in psnrs.items()},
     }

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,77 @@ def generator_losses(
     return terms
 
 
+@dataclass
+class StepResult:
+    out: Any  # ReenactmentOutput
+    g_terms: dict[str, torch.Tensor]
+    d_loss: torch.Tensor
+
+
+class Trainer:
+    """Networks, optimisers and the official training iteration (`step`)."""
+
+    def __init__(
+        self, cfg: TrainConfig, model_cfg: ModelConfig, info: DistInfo, device: torch.device
+    ):
+        self.cfg, self.info, self.device = cfg, info, device
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.reenactor = Reenactor(model_cfg).to(device)
+        self.model: nn.Module = self.reenactor  # DDP wrapper after `distribute`
+        self.disc = Discriminator(model_cfg).to(device)
+        self.ema = EMA(self.reenactor, cfg.ema_decay)
+        self.perceptual = {k: v.to(device) for k, v in build_perceptual(cfg).items()}
+        o = cfg.optim
+        self.opt_g = torch.optim.Adam(self.reenactor.parameters(), o.lr_g, betas=o.betas, eps=o.eps)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), o.lr_d, betas=o.betas, eps=o.eps)
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
+        self.use_amp = self.amp_dtype is not None and device.type == "cuda"
+        fp16 = self.use_amp and self.amp_dtype == torch.float16
+        self.scaler_g = torch.amp.GradScaler(enabled=fp16)
+        self.scaler_d = torch.amp.GradScaler(enabled=fp16)
+
+    def distribute(self) -> None:
+        """Wrap the reenactor in DDP when running under torchrun."""
+        if self.info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.reenactor, device_ids=ids)
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    def step(self, batch: Sample, index: int) -> StepResult:
+        """One official iteration: forward, G step, D step, EMA update."""
+        cfg, disc = self.cfg, self.disc
+        self.model.train(), disc.train()
+        update_g = cfg.update == "combined" or index % 2 == 1
+        update_d = cfg.update == "combined" or index % 2 == 0
+        # Three discriminator passes per step, as official: real (D loss and the feature-
+        # matching targets), fake for G (D frozen), fake detached for D.
+        with self._autocast():
+            out = self.model(batch.identity_images, batch.pose_image)
+            with torch.set_grad_enabled(update_d):
+                d_real = disc(batch.target * batch.mask, batch.label)
+        disc.requires_grad_(False)
+        with self._autocast():
+            g_terms = generator_losses(cfg, out, batch, disc, d_real, self.perceptual)
+        disc.requires_grad_(True)
+        if update_g:
+            self.opt_g.zero_grad(set_to_none=True)
+            self.scaler_g.scale(g_terms["total"]).backward()
+            _optimizer_step(self.scaler_g, self.opt_g, self.reenactor, cfg.optim.grad_clip)
+        d_loss = torch.zeros((), device=self.device)
+        if update_d:
+            self.opt_d.zero_grad(set_to_none=True)
+            with self._autocast():
+                d_fake = disc(out.masked_rgb.detach(), batch.label, detach_embed=True)
+                d_loss = L.hinge_d(d_real.score, d_fake.score)
+            self.scaler_d.scale(d_loss).backward()
+            average_gradients(disc, self.info)
+            _optimizer_step(self.scaler_d, self.opt_d, disc, cfg.optim.grad_clip)
+        self.ema.update(self.reenactor)
+        return StepResult(out, g_terms, d_loss)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) meta-learning; returns the path of the last checkpoint."""
     # --- setup ------------------------------------------------------------------------
@@ -156,35 +228,19 @@ def train(cfg: TrainConfig) -> Path:
             f"data crops are {size}px but {cfg.preset} needs {model_cfg.image_size}px; "
             f"set data.image_size={model_cfg.image_size}"
         )
-
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    reenactor = Reenactor(model_cfg).to(device)
-    disc = Discriminator(model_cfg).to(device)
-    ema = EMA(reenactor, cfg.ema_decay)
-    perceptual = {k: v.to(device) for k, v in build_perceptual(cfg).items()}
-    active = [k for k, v in to_dict(cfg.losses).items() if v]
+    trainer = Trainer(cfg, model_cfg, info, device)
     if info.is_main:
+        active = [k for k, v in to_dict(cfg.losses).items() if v]
         log.info("active losses: %s (weights %s)", active, to_dict(cfg.losses))
-    o = cfg.optim
-    opt_g = torch.optim.Adam(reenactor.parameters(), o.lr_g, betas=o.betas, eps=o.eps)
-    opt_d = torch.optim.Adam(disc.parameters(), o.lr_d, betas=o.betas, eps=o.eps)
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.amp)
-    use_amp = amp_dtype is not None and device.type == "cuda"
-    scaler_g = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
-    scaler_d = torch.amp.GradScaler(enabled=use_amp and amp_dtype == torch.float16)
 
     # --- resume -------------------------------------------------------------------------
     step = 0
     sampler = EpochSampler(len(dataset), cfg.batch_size, cfg.seed, info)
     if (run_dir / STATE_FILE).exists():
-        step = _resume(run_dir, reenactor, disc, ema, opt_g, opt_d, sampler, device)
+        step = _resume(run_dir, trainer, sampler)
         if info.is_main:
             log.info("resumed from step %d", step)
-    model: nn.Module = reenactor
-    if info.enabled:
-        model = DistributedDataParallel(
-            reenactor, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    trainer.distribute()
     writer = SummaryWriter(str(run_dir / "tb")) if info.is_main else None
 
     # --- loop ---------------------------------------------------------------------------
@@ -193,46 +249,14 @@ def train(cfg: TrainConfig) -> Path:
     t0 = time.perf_counter()
     while step < cfg.steps:
         batch = next(batches)
-        model.train(), disc.train()
-        update_g = cfg.update == "combined" or step % 2 == 1
-        update_d = cfg.update == "combined" or step % 2 == 0
-        # Three discriminator passes per step, as official: real (D loss and the feature-
-        # matching targets), fake for G (D frozen), fake detached for D.
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            out = model(batch.identity_images, batch.pose_image)
-            with torch.set_grad_enabled(update_d):
-                d_real = disc(batch.target * batch.mask, batch.label)
-        # generator step
-        disc.requires_grad_(False)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            g_terms = generator_losses(cfg, out, batch, disc, d_real, perceptual)
-        disc.requires_grad_(True)
-        if update_g:
-            opt_g.zero_grad(set_to_none=True)
-            scaler_g.scale(g_terms["total"]).backward()
-            _clip(scaler_g, opt_g, reenactor, o.grad_clip)
-            scaler_g.step(opt_g)
-            scaler_g.update()
-        # discriminator step
-        d_loss = torch.zeros((), device=device)
-        if update_d:
-            opt_d.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                d_fake = disc(out.masked_rgb.detach(), batch.label, detach_embed=True)
-                d_loss = L.hinge_d(d_real.score, d_fake.score)
-            scaler_d.scale(d_loss).backward()
-            average_gradients(disc, info)
-            _clip(scaler_d, opt_d, disc, o.grad_clip)
-            scaler_d.step(opt_d)
-            scaler_d.update()
-        ema.update(reenactor)
+        result = trainer.step(batch, step)
         step += 1
         bar.update()
 
         # --- logging and checkpoints ------------------------------------------------------
         if writer is not None and (step % cfg.log_every == 0 or step == cfg.steps):
-            scalars = {f"g/{k}": v.item() for k, v in g_terms.items()}
-            scalars["d/hinge"] = d_loss.item()
+            scalars = {f"g/{k}": v.item() for k, v in result.g_terms.items()}
+            scalars["d/hinge"] = result.d_loss.item()
             scalars["speed/it_per_s"] = cfg.log_every / max(time.perf_counter() - t0, 1e-9)
             t0 = time.perf_counter()
             for k, v in scalars.items():
@@ -241,12 +265,12 @@ def train(cfg: TrainConfig) -> Path:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
             bar.set_postfix(g=f"{scalars['g/total']:.3f}", d=f"{scalars['d/hinge']:.3f}")
         if writer is not None and (step % cfg.image_every == 0 or step == cfg.steps):
-            grid = _image_grid(batch, out)
+            grid = _image_grid(batch, result.out)
             writer.add_image("samples", grid, step)
             (run_dir / "samples").mkdir(exist_ok=True)
             save_image(grid, run_dir / "samples" / f"{step:07d}.png")
         if (step % cfg.checkpoint_every == 0 or step == cfg.steps) and info.is_main:
-            _save(run_dir, cfg, step, reenactor, disc, ema, opt_g, opt_d, sampler)
+            _save(run_dir, cfg, step, trainer, sampler)
     bar.close()
     if writer is not None:
         writer.close()
@@ -277,12 +301,14 @@ def _batches(
         sampler.epoch, sampler.start_batch = sampler.epoch + 1, 0
 
 
-def _clip(
-    scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer, module: nn.Module, norm: float | None
+def _optimizer_step(
+    scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer, module: nn.Module, clip: float | None
 ) -> None:
-    if norm is not None:
+    if clip is not None:
         scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(module.parameters(), norm)
+        nn.utils.clip_grad_norm_(module.parameters(), clip)
+    scaler.step(opt)
+    scaler.update()
 
 
 def _image_grid(batch: Sample, out: Any, n: int = 4) -> torch.Tensor:
@@ -298,30 +324,20 @@ def _image_grid(batch: Sample, out: Any, n: int = 4) -> torch.Tensor:
     return make_grid(torch.cat(rows).float().cpu(), nrow=n, padding=2)
 
 
-def _save(
-    run_dir: Path,
-    cfg: TrainConfig,
-    step: int,
-    reenactor: nn.Module,
-    disc: nn.Module,
-    ema: EMA,
-    opt_g: torch.optim.Optimizer,
-    opt_d: torch.optim.Optimizer,
-    sampler: EpochSampler,
-) -> None:
+def _save(run_dir: Path, cfg: TrainConfig, step: int, t: Trainer, sampler: EpochSampler) -> None:
     """Model checkpoint (our format) plus optimiser/RNG/data state, each written atomically."""
     ckpt = Checkpoint(
-        config=unwrap(reenactor).cfg,  # type: ignore[arg-type]
-        reenactor=unwrap(reenactor).state_dict(),
-        ema=ema.model.state_dict(),
-        discriminator=disc.state_dict(),
+        config=t.reenactor.cfg,
+        reenactor=t.reenactor.state_dict(),
+        ema=t.ema.model.state_dict(),
+        discriminator=t.disc.state_dict(),
         info={"step": step, "train_config": to_dict(cfg)},
     )
     save_checkpoint(run_dir / LAST_CHECKPOINT, ckpt)
     state = {
         "step": step,
-        "opt_g": opt_g.state_dict(),
-        "opt_d": opt_d.state_dict(),
+        "opt_g": t.opt_g.state_dict(),
+        "opt_d": t.opt_d.state_dict(),
         "epoch": sampler.epoch,
         "start_batch": sampler.start_batch,
         "torch_rng": torch.get_rng_state(),
@@ -331,25 +347,16 @@ def _save(
     tmp.replace(run_dir / STATE_FILE)
 
 
-def _resume(
-    run_dir: Path,
-    reenactor: nn.Module,
-    disc: nn.Module,
-    ema: EMA,
-    opt_g: torch.optim.Optimizer,
-    opt_d: torch.optim.Optimizer,
-    sampler: EpochSampler,
-    device: torch.device,
-) -> int:
+def _resume(run_dir: Path, t: Trainer, sampler: EpochSampler) -> int:
     ckpt = load_checkpoint(run_dir / LAST_CHECKPOINT)
-    load_state(reenactor, ckpt.reenactor, "reenactor")
-    assert ckpt.ema is not None
-    assert ckpt.discriminator is not None
-    load_state(ema.model, ckpt.ema, "ema")
-    load_state(disc, ckpt.discriminator, "discriminator")
-    state = torch.load(run_dir / STATE_FILE, map_location=device, weights_only=True)
-    opt_g.load_state_dict(state["opt_g"])
-    opt_d.load_state_dict(state["opt_d"])
+    if ckpt.ema is None or ckpt.discriminator is None:
+        raise ValueError(f"{run_dir / LAST_CHECKPOINT} lacks EMA or discriminator weights")
+    load_state(t.reenactor, ckpt.reenactor, "reenactor")
+    load_state(t.ema.model, ckpt.ema, "ema")
+    load_state(t.disc, ckpt.discriminator, "discriminator")
+    state = torch.load(run_dir / STATE_FILE, map_location=t.device, weights_only=True)
+    t.opt_g.load_state_dict(state["opt_g"])
+    t.opt_d.load_state_dict(state["opt_d"])
     sampler.epoch, sampler.start_batch = state["epoch"], state["start_batch"]
     torch.set_rng_state(state["torch_rng"].cpu())
     return int(state["step"])
