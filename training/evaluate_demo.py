@@ -45,6 +45,20 @@ def _frames(clip: Clip, indices: list[int]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(clip.image(i)).permute(2, 0, 1) for i in indices])
 
 
+def _by_tercile(change: list[float], errors: dict[str, list[float]]) -> dict[str, dict]:
+    """Mean L1 per method within thirds of the driver-vs-identity-frame pose change."""
+    edges = np.quantile(change, [0, 1 / 3, 2 / 3, 1])
+    bins = np.clip(np.searchsorted(edges[1:-1], change, side="right"), 0, 2)
+    names = ("small", "medium", "large")
+    return {
+        names[t]: {
+            "pose_change_range": [float(edges[t]), float(edges[t + 1])],
+            **{m: float(np.mean(np.asarray(v)[bins == t])) for m, v in errors.items()},
+        }
+        for t in range(3)
+    }
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = float(((a - b) ** 2).mean())
     return 10 * np.log10(1 / max(mse, 1e-10))
@@ -61,6 +75,7 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
     methods = ("trained", "copy_identity_frame", "untrained")
     errors: dict[str, list[float]] = {m: [] for m in methods}
     psnrs: dict[str, list[float]] = {m: [] for m in methods}
+    pose_change: list[float] = []  # |driver pose - identity frame 0 pose| (yaw, pitch, roll, mouth)
     grid_rows: list[torch.Tensor] = []
     for a, clip_a in enumerate(clips):
         identity_a = IdentityParams.from_vector(clip_a.extras["identity_params"])
@@ -71,6 +86,7 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
             "untrained": untrained.embed_identity(id_frames),
         }
         copy = _premultiplied(clip_a.image(0), clip_a.mask(0))
+        pose_a = clip_a.extras["pose_params"][0][:4]
         others = [b for b in range(len(clips)) if b != a]
         for b in rng.choice(others, size=min(cfg.drivers_per_identity, len(others)), replace=False):
             clip_b = clips[int(b)]
@@ -87,6 +103,9 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
                 "untrained": untrained.reenact(embeddings["untrained"], drivers).rgb,
                 "copy_identity_frame": copy.expand_as(gt),
             }
+            pose_change += [
+                float(np.abs(clip_b.extras["pose_params"][j][:4] - pose_a).sum()) for j in js
+            ]
             for m in methods:
                 errors[m] += (outputs[m] - gt).abs().mean(dim=(1, 2, 3)).tolist()
                 psnrs[m] += [psnr(o, g) for o, g in zip(outputs[m], gt, strict=True)]
@@ -106,6 +125,7 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
         "pairs_frames": len(errors["trained"]),
         "grid_columns": ["driver B", "identity A", "ground truth A<-B", *methods],
         "l1": {m: float(np.mean(v)) for m, v in errors.items()},
+        "l1_by_pose_change_tercile": _by_tercile(pose_change, errors),
         "psnr_db": {m: float(np.mean(v)) for m, v in psnrs.items()},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
