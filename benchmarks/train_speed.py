@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "results": rows,
     }
-    table = "\\n".join(
+    table = "\n".join(
         f"{r['preset']:<14} batch {r['batch_size']:>3}  {r['it_per_s']:7.2f} it/s" for r in rows
     )
     emit(report, args.out, table)
