@@ -34,7 +34,13 @@ from torch import nn
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from model.checkpoint import Checkpoint, instantiate, load_checkpoint, save_checkpoint
+from model.checkpoint import (
+    Checkpoint,
+    instantiate,
+    load_checkpoint,
+    read_header,
+    save_checkpoint,
+)
 from model.config import ModelConfig
 from model.discriminator import Discriminator
 from model.generator import GeneratorOutput
@@ -390,8 +396,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--l1", type=float, default=10.0, help="pixel L1 weight (no VGG here)")
     args = parser.parse_args(argv)
-    from model.checkpoint import read_header
-
     size = read_header(args.base)[0].image_size
     images, masks = load_photos(args.photos, size)
     weights = L.LossWeights(vgg19=0, vggface=0, embedding_match=0, l1=args.l1)

@@ -31,7 +31,7 @@ from model.reenactor import Reenactor
 from training import losses as L
 from training.config import TrainConfig, save_config, to_dict
 from training.data import Sample, VideoDataset
-from training.distributed import DistInfo, average_gradients, init_from_env, shutdown, unwrap
+from training.distributed import DistInfo, average_gradients, init_from_env, shutdown
 
 log = logging.getLogger("training")
 STATE_FILE = "train_state.pt"
@@ -66,23 +66,18 @@ class EpochSampler(Sampler[int]):
 class EMA:
     """Running average of the reenactor: parameters averaged, buffers copied (official)."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: Reenactor, decay: float):
         self.decay = decay
-        cfg: ModelConfig = unwrap(model).cfg  # type: ignore[assignment]
-        self.model = instantiate(Reenactor, cfg, _clone_state(model), "ema")
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.model = instantiate(Reenactor, model.cfg, state, "ema")
         self.model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        src = unwrap(model)
-        for p_ema, p in zip(self.model.parameters(), src.parameters(), strict=True):
+    def update(self, model: Reenactor) -> None:
+        for p_ema, p in zip(self.model.parameters(), model.parameters(), strict=True):
             p_ema.lerp_(p.detach(), 1 - self.decay)
-        for b_ema, b in zip(self.model.buffers(), src.buffers(), strict=True):
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
-
-
-def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
 
 
 def pick_device(name: str, info: DistInfo) -> torch.device:
