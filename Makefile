@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-unit lint format bench summary clean
+.PHONY: setup test test-unit lint format bench summary triton-repo triton clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ test-unit: setup  ## the quick loop
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy model media training benchmarks scripts
+	$(PY) -m mypy model media training benchmarks scripts deploy service
 
 format: setup
 	$(PY) -m ruff check --fix .
@@ -33,6 +33,15 @@ bench: setup  ## model throughput per preset -> benchmarks/results/model_speed.j
 
 summary: setup  ## parameter counts and FLOPs of the official preset
 	$(PY) -m model.summary --preset official-256
+
+CHECKPOINT ?= checkpoints/demo-tiny-64.safetensors
+TRITON_REPO ?= artifacts/triton-repository
+
+triton-repo: setup  ## Triton model repository (python flavour) for CHECKPOINT
+	$(PY) -m deploy.triton.export $(CHECKPOINT) $(TRITON_REPO) --avatar-dir artifacts/avatars
+
+triton: triton-repo  ## the embedded tritonserver on 127.0.0.1:8000 (HTTP) / 8001 (gRPC)
+	$(PY) -m deploy.triton.serve --repository $(TRITON_REPO)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

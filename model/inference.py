@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
 from model.checkpoint import instantiate, load_checkpoint
 from model.config import ModelConfig
@@ -97,8 +98,13 @@ class InferenceModel:
             return self._pose(x).float()
 
     @torch.inference_mode()
-    def render(self, identity: torch.Tensor, poses: torch.Tensor) -> RenderOutput:
-        """Render `identity` (identity_dim,) or (N, identity_dim) in each of N poses."""
+    def render(
+        self, identity: torch.Tensor, poses: torch.Tensor, generator: nn.Module | None = None
+    ) -> RenderOutput:
+        """Render `identity` (identity_dim,) or (N, identity_dim) in each of N poses.
+
+        `generator` swaps in a fine-tuned avatar's (folded) generator for the shared one.
+        """
         poses = poses.to(self.device, torch.float32)
         if poses.dim() != 2 or poses.shape[1] != self.config.pose_dim:
             raise ValueError(f"poses must be (N, {self.config.pose_dim}), got {tuple(poses.shape)}")
@@ -110,7 +116,7 @@ class InferenceModel:
             )
         identity = identity.expand(poses.shape[0], -1) if identity.dim() == 1 else identity
         with self._autocast():
-            out = self._generator(identity, poses)
+            out = (generator or self._generator)(identity, poses)
         mask = out.mask.float()
         return RenderOutput(rgb=(out.rgb.float() * mask).clamp(0, 1), mask=mask.clamp(0, 1))
 

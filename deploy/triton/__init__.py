@@ -1,0 +1,1 @@
+"""Triton Inference Server: model repository export, Python-backend runtime, embedded server."""
