@@ -46,7 +46,7 @@ class BenchConfig:
     iters: int = 5
     min_seconds: float = 1.0
     threads: int | None = None
-    compile: bool = False
+    compile: bool | str = False
     checkpoint: Path | None = None
     out: Path | None = None
 
@@ -67,7 +67,13 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--iters", type=int, default=5, help="minimum timed calls per component")
     p.add_argument("--min-seconds", type=float, default=1.0, help="minimum timed seconds")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--compile", action="store_true", help="torch.compile encoder and generator")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        help="torch.compile encoder and generator; optional mode, e.g. reduce-overhead",
+    )
     p.add_argument(
         "--checkpoint",
         type=Path,

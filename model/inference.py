@@ -38,7 +38,7 @@ class InferenceModel:
         reenactor: Reenactor,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        compile: bool = False,
+        compile: bool | str = False,
         avatar_identity: torch.Tensor | None = None,
     ):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -52,8 +52,12 @@ class InferenceModel:
         net = instantiate(Reenactor, self.config, state, "reenactor")
         net = fold_spectral_norm(net.eval()).to(self.device)
         self.net = net
-        self._pose = torch.compile(net.pose_encoder) if compile else net.pose_encoder
-        self._generator = torch.compile(net.generator) if compile else net.generator
+        # compile=True: torch.compile's default mode; a string picks the mode, e.g.
+        # "reduce-overhead" (CUDA graphs) for launch-bound single-frame GPU inference.
+        mode = compile if isinstance(compile, str) else None
+        self._graphs = mode is not None and "reduce-overhead" in mode
+        self._pose = torch.compile(net.pose_encoder, mode=mode) if compile else net.pose_encoder
+        self._generator = torch.compile(net.generator, mode=mode) if compile else net.generator
         self.avatar_identity = (
             None if avatar_identity is None else avatar_identity.float().to(self.device)
         )
@@ -66,7 +70,7 @@ class InferenceModel:
         dtype: torch.dtype = torch.float32,
         weights: Literal["ema", "raw"] = "ema",
         expect_preset: str | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         base: str | os.PathLike[str] | None = None,
     ) -> InferenceModel:
         """Load a checkpoint; EMA weights by default, as the official inference does.
@@ -95,7 +99,8 @@ class InferenceModel:
         """(N, 3, H, W) driver crops -> (N, pose_dim) latent pose descriptors."""
         x = self._prepare(frames)
         with self._autocast():
-            return self._pose(x).float()
+            self._graph_step()
+            return self._owned(self._pose(x).float())
 
     @torch.inference_mode()
     def render(
@@ -116,8 +121,9 @@ class InferenceModel:
             )
         identity = identity.expand(poses.shape[0], -1) if identity.dim() == 1 else identity
         with self._autocast():
+            self._graph_step()
             out = (generator or self._generator)(identity, poses)
-        mask = out.mask.float()
+        mask = self._owned(out.mask.float())
         return RenderOutput(rgb=(out.rgb.float() * mask).clamp(0, 1), mask=mask.clamp(0, 1))
 
     def reenact(self, identity: torch.Tensor, frames: torch.Tensor) -> RenderOutput:
@@ -136,6 +142,15 @@ class InferenceModel:
         if not images.is_floating_point():
             raise ValueError(f"images must be uint8 or floating point, got {images.dtype}")
         return images.to(self.device, torch.float32)
+
+    def _graph_step(self) -> None:
+        """CUDA-graph modes reuse output memory: mark each call as a new step."""
+        if self._graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def _owned(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor the next CUDA-graph replay cannot overwrite."""
+        return t.clone() if self._graphs else t
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(

@@ -43,6 +43,9 @@ class RepositoryConfig:
     # beat more threads (2 threads on 2 cores ran ~30x slower under load)
     avatar_dir: Path | None = None  # fine-tuned avatars (python flavour)
     avatar_cache_mb: float = 512.0
+    # GPU, python flavour: torch.compile mode. "reduce-overhead" (CUDA graphs) took one
+    # official-256 frame from 10.3 to 1.2 ms on an H200; each new batch size is recorded once.
+    compile: str = ""
 
     def preferred_batches(self) -> list[int]:
         sizes = [s for s in (4, 8, 16, 32, 64) if s <= self.max_batch]
@@ -164,6 +167,8 @@ def build_repository(checkpoint: Path, out: Path, repo: RepositoryConfig) -> Pat
                 _link_or_copy(checkpoint, version / WEIGHTS_FILE)
                 params = {"checkpoint": WEIGHTS_FILE, "dtype": repo.dtype}
                 params["threads"] = str(repo.threads)
+                if repo.compile:
+                    params["compile"] = repo.compile
                 if name == spec.GENERATOR and repo.avatar_dir is not None:
                     Path(repo.avatar_dir).mkdir(parents=True, exist_ok=True)
                     params["avatar_dir"] = str(Path(repo.avatar_dir).resolve())
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per instance (0: all)")
     p.add_argument("--avatar-dir", type=Path, default=None, help="fine-tuned avatars")
     p.add_argument("--avatar-cache-mb", type=float, default=512.0)
+    p.add_argument("--compile", default="", help="GPU: torch.compile mode, e.g. reduce-overhead")
     a = p.parse_args(argv)
     if a.instances < 1 or a.max_batch < 1 or a.queue_delay_us < 0 or a.avatar_cache_mb <= 0:
         p.error("--instances and --max-batch must be >= 1, --queue-delay-us >= 0")
@@ -200,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     repo = RepositoryConfig(
         flavour=a.flavour, device=a.device, dtype=a.dtype, instances=a.instances,
         max_batch=a.max_batch, queue_delay_us=a.queue_delay_us, threads=a.threads,
-        avatar_dir=a.avatar_dir, avatar_cache_mb=a.avatar_cache_mb,
+        avatar_dir=a.avatar_dir, avatar_cache_mb=a.avatar_cache_mb, compile=a.compile,
     )  # fmt: skip
     try:
         out = build_repository(a.checkpoint, a.out, repo)

@@ -44,6 +44,7 @@ class RuntimeConfig:
     threads: int = 0  # torch intra-op threads per instance; 0 = torch's default
     avatar_dir: Path | None = None  # fine-tuned avatars: <avatar_dir>/<id>.safetensors
     avatar_cache_mb: float = 512.0  # bound on per-avatar tensors held in memory
+    compile: str = ""  # torch.compile mode for GPU, e.g. "reduce-overhead"; "" = eager
 
     @classmethod
     def from_parameters(
@@ -58,6 +59,7 @@ class RuntimeConfig:
             threads=int(params.get("threads", "0") or 0),
             avatar_dir=Path(avatar_dir) if avatar_dir else None,
             avatar_cache_mb=float(params.get("avatar_cache_mb", "512") or 512),
+            compile=params.get("compile", ""),
         )
 
 
@@ -67,7 +69,10 @@ def load_model(cfg: RuntimeConfig) -> InferenceModel:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     dtype = DTYPES[cfg.dtype] if cfg.device.startswith("cuda") else torch.float32
-    return InferenceModel.from_checkpoint(cfg.checkpoint, device=cfg.device, dtype=dtype)
+    compile_mode = cfg.compile if cfg.device.startswith("cuda") else ""
+    return InferenceModel.from_checkpoint(
+        cfg.checkpoint, device=cfg.device, dtype=dtype, compile=compile_mode or False
+    )
 
 
 def _images(array: np.ndarray, size: int, what: str) -> torch.Tensor:
