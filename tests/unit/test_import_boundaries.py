@@ -31,3 +31,16 @@ def test_media_does_not_load_torch(module: str) -> None:
     code = f"import sys, {module}\nassert 'torch' not in sys.modules\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("module", ["service.main", "service.admin", "service.jobs"])
+def test_service_does_not_load_torch(module: str) -> None:
+    """The API and its CLI start without torch; tritonclient loads on first use only."""
+    code = (
+        f"import sys, {module}\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'tritonclient', 'model')]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""

@@ -1,0 +1,108 @@
+"""Service and worker settings: one `Settings` object read from `LPD_*` environment variables.
+
+Nothing else in service/ or workers/ reads os.environ; code gets a `Settings` by injection
+(FastAPI Depends, task arguments) or from the cached `get_settings()`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of the API and workers, with defaults that run on one machine."""
+
+    model_config = SettingsConfigDict(env_prefix="LPD_", extra="ignore", frozen=True)
+
+    # --- dependencies --------------------------------------------------------------------
+    database_url: str = Field(
+        default="sqlite:///artifacts/lpd.db",
+        description="SQLAlchemy URL. SQLite (embedded default, relative to the working "
+        "directory) or PostgreSQL (`postgresql://` is run with psycopg 3).",
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Celery broker and result backend."
+    )
+    triton_url: str = Field(
+        default="127.0.0.1:8001", description="Triton host:port (gRPC by default)."
+    )
+    triton_protocol: Literal["grpc", "http"] = Field(
+        default="grpc", description="How to reach Triton."
+    )
+    triton_timeout_s: float = Field(
+        default=10.0, gt=0, description="Per-attempt inference timeout."
+    )
+    readiness_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Budget of each /readyz check, so a hung dependency reads as down.",
+    )
+    retry_after_s: int = Field(
+        default=5, ge=1, description="Retry-After sent with 503 when a dependency is down."
+    )
+
+    # --- storage -------------------------------------------------------------------------
+    artifacts_dir: Path = Field(
+        default=Path("artifacts"), description="Uploads, avatars and rendered videos, by job id."
+    )
+    job_result_ttl_s: int = Field(
+        default=7 * 24 * 3600, gt=0, description="How long finished jobs' result files are kept."
+    )
+
+    # --- upload limits (rejected with 4xx before any work is queued) ----------------------
+    max_photos: int = Field(
+        default=32, ge=1, description="Photos per avatar (the paper uses 1-32)."
+    )
+    max_photo_bytes: int = Field(default=20 * MiB, gt=0, description="Size of one uploaded photo.")
+    max_photo_pixels: int = Field(
+        default=40_000_000,
+        gt=0,
+        description="Width x height of one photo; guards decompression bombs.",
+    )
+    max_video_bytes: int = Field(default=500 * MiB, gt=0, description="Size of a driving video.")
+    max_video_duration_s: float = Field(
+        default=300.0, gt=0, description="Length of a driving video."
+    )
+    max_video_resolution: int = Field(
+        default=1920, gt=0, description="Longer side of a driving video, in pixels."
+    )
+    max_video_fps: float = Field(default=60.0, gt=0, description="Frame rate of a driving video.")
+
+    # --- abuse control -------------------------------------------------------------------
+    rate_limit_per_minute: int = Field(
+        default=120,
+        ge=1,
+        description="Requests per minute per API key, unless the key overrides it.",
+    )
+
+    # --- result links and webhooks -------------------------------------------------------
+    signed_url_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="HMAC key for result download links and webhook signatures. Set it in "
+        "production: it must be the same for the API and every worker.",
+    )
+    signed_url_ttl_s: int = Field(
+        default=3600, gt=0, description="Lifetime of a signed result link."
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="One webhook POST attempt.")
+    webhook_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Webhook attempts before a delivery is given up (with backoff).",
+    )
+    webhook_backoff_s: float = Field(
+        default=5.0, gt=0, description="First retry delay of a webhook; doubles per attempt."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,128 @@
+"""The FastAPI application: `create_app()` wires settings, the database, Redis, the Triton
+readiness probe, error handlers, request metrics and routers. Run with
+`uvicorn --factory service.main:create_app`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+)
+from redis import Redis
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.routes import health
+from service.config import Settings, get_settings
+from service.db import create_db_engine, create_session_factory
+from service.errors import install_error_handlers
+from service.triton import TritonBackend, TritonConfig
+
+API_VERSION = "1.0.0"
+UNMATCHED_ROUTE = "<unmatched>"  # one label for every unknown path, so scans can't add series
+
+
+class HttpMetrics:
+    """Request counter and latency histogram in a registry of the app's own (so that two
+    apps in one process, as in tests, don't collide)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        self.requests = Counter(
+            "lpd_http_requests_total",
+            "HTTP requests by method, route template and status code.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "lpd_http_request_duration_seconds",
+            "Time to the end of the response, by method and route template.",
+            ["method", "route"],
+            registry=self.registry,
+        )
+
+
+class MetricsMiddleware:
+    """Counts and times HTTP requests by route template (`/v1/jobs/{job_id}`), not raw path."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # if the app raises before sending a response
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            # The router stores the matched route in the (shared) scope.
+            route: Any = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED_ROUTE
+            method = scope["method"]
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for `settings` (default: `get_settings()`, from the environment)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Clients only: nothing connects until the first request or readiness probe.
+        engine = create_db_engine(settings.database_url)
+        timeout = settings.readiness_timeout_s
+        app.state.engine = engine
+        app.state.sessions = create_session_factory(engine)
+        app.state.redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout
+        )
+        app.state.triton_probe = TritonBackend(
+            TritonConfig(
+                url=settings.triton_url,
+                protocol=settings.triton_protocol,
+                timeout_s=timeout,
+                retries=0,
+            )
+        )
+        try:
+            yield
+        finally:
+            app.state.triton_probe.close()
+            app.state.redis.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="Latent Pose Reenactment API",
+        version=API_VERSION,
+        summary="Head reenactment from a few photos (latent pose descriptors, Burkov et al. "
+        "CVPR 2020): avatars, reenactment jobs and a live stream.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = HttpMetrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    return app
