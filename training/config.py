@@ -28,6 +28,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.0, 0.999)
     eps: float = 1e-5
     grad_clip: float | None = None  # max global norm per network; None = off (official)
+    # Named deviation (off = official constant rates): from this fraction of `steps` on, both
+    # learning rates fall linearly to zero, which calms the GAN for the final weights.
+    decay_from: float | None = None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from model.config import ModelConfig
 from model.discriminator import Discriminator, DiscriminatorOutput
 from model.reenactor import Reenactor
 from training import losses as L
-from training.config import TrainConfig, save_config, to_dict
+from training.config import OptimConfig, TrainConfig, save_config, to_dict
 from training.data import Sample, VideoDataset
 from training.distributed import DistInfo, average_gradients, init_from_env, shutdown
 
@@ -175,6 +175,10 @@ class Trainer:
     def step(self, batch: Sample, index: int) -> StepResult:
         """One official iteration: forward, G step, D step, EMA update."""
         cfg, disc = self.cfg, self.disc
+        factor = lr_factor(cfg.optim, index, cfg.steps)  # a pure function of the step: resumable
+        for opt, lr in ((self.opt_g, cfg.optim.lr_g), (self.opt_d, cfg.optim.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
         self.model.train(), disc.train()
         update_g = cfg.update == "combined" or index % 2 == 1
         update_d = cfg.update == "combined" or index % 2 == 0
@@ -252,6 +256,7 @@ def train(cfg: TrainConfig) -> Path:
         if writer is not None and (step % cfg.log_every == 0 or step == cfg.steps):
             scalars = {f"g/{k}": v.item() for k, v in result.g_terms.items()}
             scalars["d/hinge"] = result.d_loss.item()
+            scalars["optim/lr_factor"] = lr_factor(cfg.optim, step - 1, cfg.steps)
             scalars["speed/it_per_s"] = cfg.log_every / max(time.perf_counter() - t0, 1e-9)
             t0 = time.perf_counter()
             for k, v in scalars.items():
@@ -294,6 +299,14 @@ def _batches(
             sampler.start_batch += 1
             yield Sample(*(t.to(device) for t in batch))  # type: ignore[arg-type]
         sampler.epoch, sampler.start_batch = sampler.epoch + 1, 0
+
+
+def lr_factor(optim: OptimConfig, step: int, total: int) -> float:
+    """Learning-rate multiplier at `step`: 1, or a linear tail to 0 from `decay_from`."""
+    if optim.decay_from is None:
+        return 1.0
+    start = optim.decay_from * total
+    return 1.0 if step < start else max(0.0, (total - step) / max(total - start, 1.0))
 
 
 def _optimizer_step(

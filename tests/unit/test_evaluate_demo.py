@@ -24,3 +24,14 @@ def test_demo_evaluation_report(tmp_path: Path) -> None:
     assert set(metrics["l1_by_pose_change_tercile"]) == {"small", "medium", "large"}
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
     assert (tmp_path / "eval" / "cross_reenactment.png").stat().st_size > 1000
+
+
+def test_finetuned_method_is_scored(tmp_path: Path) -> None:
+    data = tmp_path / "synth"
+    generate(SynthConfig(out=data, identities=4, clips=1, frames=6, size=64, seed=5))
+    cfg = EvalConfig(
+        k=2, drivers_per_identity=1, frames_per_driver=1, val_fraction=0.5, finetune_steps=2
+    )
+    metrics = evaluate(DEMO, data, tmp_path / "eval", cfg)
+    assert metrics["finetune"] == {"steps": 2, "mode": "full"}
+    assert 0 < metrics["l1"]["finetuned"] < metrics["l1"]["untrained"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from training.config import load_config
-from training.loop import train
+from training.config import OptimConfig, load_config
+from training.loop import lr_factor, train
 from training.synthetic import SynthConfig, generate
 from training.train import main
 
@@ -75,3 +75,10 @@ def test_config_errors_are_clear(synthetic: Path, tmp_path: Path, capsys) -> Non
     assert "data.root is required" in capsys.readouterr().err
     assert main([f"data.root={synthetic}", "bogus=1"]) == 2
     assert "unknown TrainConfig keys" in capsys.readouterr().err
+
+
+def test_learning_rate_tail_decay() -> None:
+    """Off by default (official constant rates); with decay_from, a linear fall to zero."""
+    assert lr_factor(OptimConfig(), 900, 1000) == 1.0
+    tail = OptimConfig(decay_from=0.5)
+    assert [lr_factor(tail, s, 1000) for s in (0, 499, 500, 750, 1000)] == [1, 1, 1, 0.5, 0]
