@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One lent-GPU session, run by the device tool from the repo root (its system python3 has
-# torch): trains the demo checkpoint with the committed config, then records GPU training and
-# inference speed. Everything lands in $OUT/results.tar, split into <16 MiB parts.
+# torch): tries the demo training config on CUDA (capped at 300 s; on 2026-11-26 it reached
+# step 2,000 at 8-9 it/s, bound by the synthetic data loader, so the committed demo was
+# trained on the CPU), then records GPU training and inference speed.
+# Everything lands in $OUT/results.tar, split into <16 MiB parts.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 R=$OUT/results; mkdir -p "$R"

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
 
+QueueName = Literal["preprocess", "finetune", "reenact"]
+
 
 class Settings(BaseSettings):
     """Every knob of the API and workers, with defaults that run on one machine."""
@@ -50,7 +52,9 @@ class Settings(BaseSettings):
 
     # --- storage -------------------------------------------------------------------------
     artifacts_dir: Path = Field(
-        default=Path("artifacts"), description="Uploads, avatars and rendered videos, by job id."
+        default=Path("artifacts"),
+        description="Photos, crops and fine-tuned weights by tenant and avatar id (never by "
+        "client filenames); rendered videos.",
     )
     job_result_ttl_s: int = Field(
         default=7 * 24 * 3600, gt=0, description="How long finished jobs' result files are kept."
@@ -74,6 +78,72 @@ class Settings(BaseSettings):
         default=1920, gt=0, description="Longer side of a driving video, in pixels."
     )
     max_video_fps: float = Field(default=60.0, gt=0, description="Frame rate of a driving video.")
+
+    # --- workers (Celery) -----------------------------------------------------------------
+    required_queues: tuple[QueueName, ...] = Field(
+        default=("preprocess", "finetune", "reenact"),
+        description="Queues that need at least one worker for /readyz to pass; a deployment "
+        "without GPU workers drops `finetune`/`reenact` (JSON list in the environment).",
+    )
+    broker_timeout_s: float = Field(
+        default=5.0, gt=0, description="Connect/socket timeout for the broker when publishing."
+    )
+    broker_visibility_timeout_s: int = Field(
+        default=7200,
+        ge=1,
+        description="An unacknowledged task (its worker died) is redelivered after this. Keep it "
+        "above the longest task time limit, or a slow task is handed to a second worker.",
+    )
+    preprocess_time_limit_s: int = Field(
+        default=600, ge=1, description="Hard time limit of a preprocess task (prefork pool)."
+    )
+    finetune_time_limit_s: int = Field(
+        default=3600, ge=1, description="Hard time limit of a fine-tune task (prefork pool)."
+    )
+    task_max_retries: int = Field(
+        default=5, ge=0, description="Retries of a task after a transient error (DB, Redis)."
+    )
+    task_retry_backoff_s: float = Field(
+        default=5.0, gt=0, description="First retry delay after a transient error; doubles."
+    )
+    job_max_attempts: int = Field(
+        default=10,
+        ge=2,
+        description="Worker starts of one job (both stages, retries, takeovers) before it is "
+        "failed: a job that keeps killing its worker must not loop forever.",
+    )
+    job_lease_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A running job whose last progress write is older than this is taken over "
+        "by a redelivered task (its worker is presumed dead).",
+    )
+    progress_interval_s: float = Field(
+        default=1.0, ge=0, description="Least time between two progress writes of a task."
+    )
+
+    # --- models --------------------------------------------------------------------------
+    base_checkpoint: Path = Field(
+        default=Path("checkpoints/demo-tiny-64.safetensors"),
+        description="The shared checkpoint: crop size, zero-shot identity, fine-tune start.",
+    )
+    identity_backend: Literal["local", "triton"] = Field(
+        default="local",
+        description="Where preprocessing embeds identities: in-process PyTorch or Triton.",
+    )
+    finetune_device: str = Field(default="cpu", description="Torch device of fine-tuning.")
+    finetune_checkpoint_every: int = Field(
+        default=25, ge=1, description="Fine-tune steps between intermediate (resumable) states."
+    )
+    max_finetune_steps: int = Field(
+        default=1000, ge=1, description="Upper bound on the `steps` a client may ask for."
+    )
+    vgg19_weights: Path | None = Field(
+        default=None, description="VGG19 weights; enables the perceptual loss in fine-tuning."
+    )
+    vggface_weights: Path | None = Field(
+        default=None, description="VGGFace weights; enables the face perceptual loss."
+    )
 
     # --- abuse control -------------------------------------------------------------------
     rate_limit_per_minute: int = Field(

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any, Final, cast
 
-from sqlalchemy import CursorResult, false, select, update
+from sqlalchemy import CursorResult, and_, false, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -136,6 +137,19 @@ def set_progress(session: Session, job_id: str, progress: float, stage: str | No
     if stage is not None:
         values["stage"] = stage
     return _update(session, job_id, values, Job.status == JobStatus.RUNNING)
+
+
+def reclaim(session: Session, job_id: str, stale_before: datetime) -> bool:
+    """Take over a running job whose worker stopped writing (last write before
+    `stale_before`): True if this caller now owns it, and an attempt is counted.
+
+    A redelivered task (its worker died) calls this; it is a compare-and-set on the last
+    write time, so of two workers reclaiming the same job only one succeeds, and a job whose
+    worker is alive (it keeps writing progress) is never taken.
+    """
+    values: dict[str, Any] = {"updated_at": utcnow(), "attempts": Job.attempts + 1}
+    condition = and_(Job.status == JobStatus.RUNNING, Job.updated_at < stale_before)
+    return _update(session, job_id, values, condition)
 
 
 def get_status(session: Session, job_id: str) -> JobStatus:

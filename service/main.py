@@ -1,5 +1,6 @@
-"""The FastAPI application: `create_app()` wires settings, the database, Redis, the Triton
-readiness probe, error handlers, request metrics and routers. Run with
+"""The FastAPI application: `create_app()` wires settings, the database, Redis, the task
+queue, the artifact store, the Triton readiness probe, error handlers, request metrics and
+routers. Run with
 `uvicorn --factory service.main:create_app`."""
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from prometheus_client import (
 from redis import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.routes import health
+from service.api.routes import avatars, health, jobs
 from service.config import Settings, get_settings
 from service.db import create_db_engine, create_session_factory
 from service.errors import install_error_handlers
+from service.queue import CeleryQueue, create_celery
+from service.storage import ArtifactStore
 from service.triton import TritonBackend, TritonConfig
 
 API_VERSION = "1.0.0"
@@ -109,6 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if isinstance(app.state.queue, CeleryQueue):
+                app.state.queue.app.close()
             app.state.triton_probe.close()
             app.state.redis.close()
             engine.dispose()
@@ -121,8 +126,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.store = ArtifactStore(settings.artifacts_dir)
+    # Publishes tasks by name; connects on first use. Tests may swap in a recorder.
+    app.state.queue = CeleryQueue(create_celery(settings))
     app.state.metrics = HttpMetrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(avatars.router)
+    app.include_router(jobs.router)
     return app

@@ -100,7 +100,9 @@ class JobStatus(enum.StrEnum):
 
 
 class JobKind(enum.StrEnum):
-    FINETUNE = "finetune"
+    # Values are VARCHAR(16) without a CHECK constraint: a new one needs no migration.
+    PREPROCESS = "preprocess"  # a zero-shot avatar: photos -> crops -> identity embedding
+    FINETUNE = "finetune"  # preprocess, then fine-tune (one job, two stages)
     REENACT = "reenact"
 
 

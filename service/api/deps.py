@@ -1,4 +1,5 @@
-"""Request dependencies (Annotated + Depends): settings, a database session, the caller.
+"""Request dependencies (Annotated + Depends): settings, a database session, the caller, the
+artifact store and the task queue.
 
 Tests replace any of them with `app.dependency_overrides[get_settings] = ...`.
 """
@@ -16,6 +17,8 @@ from service.auth import AuthenticationError, Principal, authenticate
 from service.config import Settings
 from service.db import session_scope
 from service.errors import ApiError
+from service.queue import TaskQueue
+from service.storage import ArtifactStore
 
 # Declares the scheme in OpenAPI (the docs' Authorize button); the header is parsed by
 # service.auth so that every failure gets the same typed 401.
@@ -57,3 +60,26 @@ def get_principal(
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_store(request: Request) -> ArtifactStore:
+    """Where avatars' files live (`settings.artifacts_dir`)."""
+    store: ArtifactStore = request.app.state.store
+    return store
+
+
+def get_queue(request: Request) -> TaskQueue:
+    """The task queue the API publishes to (Celery over Redis; tests pass a recorder)."""
+    queue: TaskQueue = request.app.state.queue
+    return queue
+
+
+def get_sessions(request: Request) -> sessionmaker[Session]:
+    """The session factory, for routes that must commit before they act (e.g. enqueue)."""
+    sessions: sessionmaker[Session] = request.app.state.sessions
+    return sessions
+
+
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+QueueDep = Annotated[TaskQueue, Depends(get_queue)]
+SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]

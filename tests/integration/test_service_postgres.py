@@ -123,6 +123,7 @@ def test_readyz_sees_the_real_redis_and_postgres(pg_url: str) -> None:
         redis_url=REDIS,
         triton_url="127.0.0.1:1",  # no Triton here: readiness must still name it alone
         readiness_timeout_s=2.0,
+        required_queues=(),  # workers: tests/integration/test_workers.py
     )
     with TestClient(create_app(settings)) as client:
         r = client.get("/readyz")

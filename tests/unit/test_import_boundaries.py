@@ -33,9 +33,13 @@ def test_media_does_not_load_torch(module: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("module", ["service.main", "service.admin", "service.jobs"])
+@pytest.mark.parametrize(
+    "module",
+    ["service.main", "service.admin", "service.jobs", "workers.celery_app", "workers.tasks"],
+)
 def test_service_does_not_load_torch(module: str) -> None:
-    """The API and its CLI start without torch; tritonclient loads on first use only."""
+    """The API, its CLI and a worker's start load no torch: a CPU preprocess worker pays for
+    torch only on first use, and tritonclient loads on first use only."""
     code = (
         f"import sys, {module}\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'tritonclient', 'model')]\n"

@@ -64,6 +64,7 @@ def settings(db_url: str) -> Settings:
         triton_url=f"127.0.0.1:{closed_port()}",
         readiness_timeout_s=1.0,
         retry_after_s=7,
+        required_queues=(),  # no workers here; tests/unit/test_avatars_api.py checks them
     )
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from service.db import (
     session_scope,
 )
 from service.jobs import InvalidTransition, JobNotFound
-from service.models import ApiKey, Base, Job, JobKind, JobStatus, Tenant
+from service.models import ApiKey, Base, Job, JobKind, JobStatus, Tenant, utcnow
 
 S = JobStatus
 
@@ -230,6 +231,24 @@ def test_progress_only_while_running(sessions: sessionmaker[Session]) -> None:
         assert jobs.transition(session, job_id, S.CANCELED)
         assert not jobs.set_progress(session, job_id, 0.6)  # the worker's signal to stop
     assert load(sessions, job_id).progress == 0.5
+
+
+def test_reclaim_takes_only_a_silent_running_job(sessions: sessionmaker[Session]) -> None:
+    lease = timedelta(seconds=0.05)
+    job_id = make_job(sessions)
+    with session_scope(sessions) as session:
+        assert not jobs.reclaim(session, job_id, utcnow())  # queued: start it, don't reclaim
+        assert jobs.transition(session, job_id, S.RUNNING)
+    with session_scope(sessions) as session:
+        assert not jobs.reclaim(session, job_id, utcnow() - lease)  # its worker is alive
+    time.sleep(0.1)  # ... and then silent for longer than the lease
+    with session_scope(sessions) as session:
+        assert jobs.reclaim(session, job_id, utcnow() - lease)
+    # The takeover is a write: a second reclaimer right after finds the job alive.
+    with session_scope(sessions) as session:
+        assert not jobs.reclaim(session, job_id, utcnow() - lease)
+    job = load(sessions, job_id)
+    assert (job.status, job.attempts) == (S.RUNNING, 2)
 
 
 def test_concurrent_starts_on_sqlite(sessions: sessionmaker[Session]) -> None:

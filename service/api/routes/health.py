@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Final, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
 from sqlalchemy import Engine, text
 
-from service.api.deps import PrincipalDep, SessionDep, SettingsDep
+from service.api.deps import PrincipalDep, QueueDep, SessionDep, SettingsDep
 from service.errors import ApiError, error_example, unavailable
 from service.models import ApiKey, Tenant
+from service.queue import TaskQueue
 from service.triton import TritonBackend
 
 logger = logging.getLogger(__name__)
@@ -46,8 +48,9 @@ class Readiness(BaseModel):
                         "database": True,
                         "redis": True,
                         "triton": True,
-                        "workers": WORKERS_NOT_CHECKED,
+                        "workers": True,
                     },
+                    "queues": {"finetune": 1, "preprocess": 2, "reenact": 1},
                 }
             ]
         }
@@ -55,6 +58,15 @@ class Readiness(BaseModel):
 
     status: Literal["ok"] = "ok"
     checks: dict[str, bool | str]
+    queues: dict[str, int] | None = Field(
+        None, description="Live workers per queue (when `required_queues` is set)."
+    )
+
+
+@dataclass(frozen=True)
+class WorkerCheck:
+    ok: bool | str  # True / False, or WORKERS_NOT_CHECKED
+    queues: dict[str, int]  # live workers per queue
 
 
 class TenantInfo(BaseModel):
@@ -107,10 +119,16 @@ def check_triton(backend: TritonBackend) -> bool:
     return backend.is_ready()  # the server and every model the service calls
 
 
-def check_workers(request: Request) -> bool | str:
-    """Hook for 'at least one Celery worker per queue'; not implemented yet, so it reports
-    `"not checked"` and never fails readiness. The Celery issue replaces it."""
-    return WORKERS_NOT_CHECKED
+def check_workers(queue: TaskQueue, required: Sequence[str], timeout_s: float) -> WorkerCheck:
+    """Whether every queue in `required` has at least one live Celery worker.
+
+    Workers are asked which queues they consume (`inspect().active_queues()`, a broadcast
+    answered within `timeout_s`). With nothing required it asks nobody: "not checked".
+    """
+    if not required:
+        return WorkerCheck(WORKERS_NOT_CHECKED, {})
+    counts = queue.workers_per_queue(timeout_s)
+    return WorkerCheck(all(counts.get(name, 0) > 0 for name in required), counts)
 
 
 async def _within(check: Callable[[], bool], timeout_s: float, name: str) -> bool:
@@ -122,6 +140,21 @@ async def _within(check: Callable[[], bool], timeout_s: float, name: str) -> boo
     except Exception as exc:
         logger.warning("readiness: %s is down: %s", name, exc)
     return False
+
+
+async def _workers_within(
+    queue: TaskQueue, required: Sequence[str], timeout_s: float
+) -> WorkerCheck:
+    """check_workers in a thread, bounded like the other checks; a failure reads as down."""
+    try:
+        return await asyncio.wait_for(
+            asyncio.to_thread(check_workers, queue, required, timeout_s), timeout_s + 1.0
+        )
+    except TimeoutError:
+        logger.warning("readiness: workers did not answer within %.1fs", timeout_s)
+    except Exception as exc:
+        logger.warning("readiness: cannot ask workers: %s", exc)
+    return WorkerCheck(False, {})
 
 
 # --- routes ----------------------------------------------------------------------------------
@@ -136,48 +169,55 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     tags=["health"],
-    summary="Readiness: database, Redis and Triton answer",
+    response_model_exclude_none=True,
+    summary="Readiness: database, Redis, Triton and workers answer",
     responses={
         503: error_example(
             "not_ready",
-            "not ready: redis, triton down",
+            "not ready: redis, triton, workers down",
             {
                 "checks": {
                     "database": True,
                     "redis": False,
                     "triton": False,
-                    "workers": WORKERS_NOT_CHECKED,
+                    "workers": False,
                 },
-                "down": ["redis", "triton"],
+                "down": ["redis", "triton", "workers"],
+                "queues": {"finetune": 0, "preprocess": 1, "reenact": 0},
+                "required_queues": ["preprocess", "finetune", "reenact"],
             },
         )
     },
 )
-async def readyz(request: Request, settings: SettingsDep) -> Readiness:
+async def readyz(request: Request, settings: SettingsDep, queue: QueueDep) -> Readiness:
     """200 with each check when every dependency answers, else 503 with Retry-After.
 
-    Checks run concurrently, each bounded by `readiness_timeout_s`. Workers are not checked
-    yet (`check_workers` reports "not checked").
+    Checks run concurrently, each bounded by `readiness_timeout_s`. `workers` is true when
+    each of `required_queues` has a live worker (`queues` counts workers per queue), and
+    "not checked" when none is required.
     """
     state = request.app.state
     timeout = settings.readiness_timeout_s
     names = ("database", "redis", "triton")
-    results = await asyncio.gather(
+    *results, workers = await asyncio.gather(
         _within(lambda: check_database(state.engine), timeout, "database"),
         _within(lambda: check_redis(state.redis), timeout, "redis"),
         _within(lambda: check_triton(state.triton_probe), timeout, "triton"),
+        # A broadcast: it waits out the whole timeout for replies, so run it alongside.
+        _workers_within(queue, settings.required_queues, timeout),
     )
     checks: dict[str, bool | str] = dict(zip(names, results, strict=True))
-    checks["workers"] = check_workers(request)
+    checks["workers"] = workers.ok
     down = [name for name, ok in checks.items() if ok is False]
     if down:
+        details: dict[str, Any] = {"checks": checks, "down": down}
+        if settings.required_queues:
+            details["queues"] = workers.queues
+            details["required_queues"] = list(settings.required_queues)
         raise unavailable(
-            "not_ready",
-            f"not ready: {', '.join(down)} down",
-            settings.retry_after_s,
-            {"checks": checks, "down": down},
+            "not_ready", f"not ready: {', '.join(down)} down", settings.retry_after_s, details
         )
-    return Readiness(checks=checks)
+    return Readiness(checks=checks, queues=workers.queues or None)
 
 
 @router.get(

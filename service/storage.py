@@ -1,0 +1,104 @@
+"""Local-directory artifact store: each avatar's photos, crops and weights under
+`artifacts_dir/tenants/<tenant id>/avatars/<avatar id>/`.
+
+Paths are built only from ids this service generated (checked to be UUIDs), never from
+client filenames; files are written to a temporary name and renamed, so a reader never sees
+half a file. The database stores paths relative to the root, so the root can move.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+PHOTOS = "photos"
+CROPS = "crops.npz"
+FINETUNE = "finetune"
+
+
+def _checked_id(value: str) -> str:
+    """`value` if it is a canonical UUID string; a path component made of anything else could
+    climb out of the store."""
+    try:
+        if str(uuid.UUID(value)) == value:
+            return value
+    except (ValueError, TypeError, AttributeError):
+        pass
+    raise ValueError(f"not an id: {value!r}")
+
+
+class ArtifactStore:
+    """Files of avatars and jobs under one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # --- layout --------------------------------------------------------------------------
+    def avatar_dir(self, tenant_id: str, avatar_id: str) -> Path:
+        return self.root / "tenants" / _checked_id(tenant_id) / "avatars" / _checked_id(avatar_id)
+
+    def photos_dir(self, tenant_id: str, avatar_id: str) -> Path:
+        return self.avatar_dir(tenant_id, avatar_id) / PHOTOS
+
+    def staging_dir(self, tenant_id: str, avatar_id: str) -> Path:
+        """Where an upload lands before it is validated (renamed to `photos_dir` after)."""
+        return self.avatar_dir(tenant_id, avatar_id) / f".{PHOTOS}.{uuid.uuid4().hex}.partial"
+
+    def crops_path(self, tenant_id: str, avatar_id: str) -> Path:
+        """Preprocessed photos: `images` (N, S, S, 3) uint8 and `masks` (N, S, S) uint8."""
+        return self.avatar_dir(tenant_id, avatar_id) / CROPS
+
+    def finetune_path(self, tenant_id: str, avatar_id: str, job_id: str) -> Path:
+        """The avatar checkpoint a fine-tune job writes; its preview is the `.png` beside it
+        and its resumable state the `.work` directory (training.finetune's convention)."""
+        return (
+            self.avatar_dir(tenant_id, avatar_id) / FINETUNE / f"{_checked_id(job_id)}.safetensors"
+        )
+
+    def photos(self, tenant_id: str, avatar_id: str) -> list[Path]:
+        """The stored photos in upload order."""
+        folder = self.photos_dir(tenant_id, avatar_id)
+        return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+    # --- paths in the database -----------------------------------------------------------
+    def relative(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    def resolve(self, relative: str) -> Path:
+        """The file for a stored relative path; ValueError if it points outside the root."""
+        root = self.root.resolve()
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"{relative!r} is outside the artifact store")
+        return path
+
+    # --- writing and deleting ------------------------------------------------------------
+    @contextmanager
+    def atomic(self, path: Path) -> Iterator[IO[bytes]]:
+        """Write `path` through a temporary file that replaces it only if the block succeeds."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with tmp.open("wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def write_arrays(self, path: Path, **arrays: np.ndarray) -> Path:
+        with self.atomic(path) as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        return path
+
+    def delete_avatar(self, tenant_id: str, avatar_id: str) -> None:
+        """Remove everything stored for the avatar (idempotent)."""
+        shutil.rmtree(self.avatar_dir(tenant_id, avatar_id), ignore_errors=True)

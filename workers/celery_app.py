@@ -1,0 +1,50 @@
+"""The workers' Celery app: broker and routes from service.queue, plus the delivery
+guarantees a worker needs. Start one from the repository root with
+
+    python -m celery -A workers.celery_app worker -Q preprocess          # CPU
+    python -m celery -A workers.celery_app worker -Q finetune -c 1       # one per GPU
+
+(`python -m` keeps the root on sys.path, where the stages import model/ and training/.)
+
+Importing this module loads no torch; tasks import it lazily (workers.tasks via `include`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from service.config import Settings, get_settings
+from service.queue import FINETUNE_TASK, PREPROCESS_TASK, create_celery
+
+
+def _limits(hard_s: int) -> dict[str, Any]:
+    """Hard and soft time limits; the soft one lets the task record a typed failure first."""
+    return {"time_limit": hard_s, "soft_time_limit": max(1, hard_s - max(10, hard_s // 20))}
+
+
+def create_worker_app(settings: Settings) -> Celery:
+    """The Celery app for `settings`, with the worker-side options."""
+    app = create_celery(settings, main="workers")
+    app.conf.update(
+        include=["workers.tasks"],
+        # Acknowledge after the task ran: a worker that dies mid-task (OOM, SIGKILL, lost
+        # node) leaves its message to be redelivered, and the job resumes elsewhere.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Long GPU tasks: never hold a second message hostage behind a running one.
+        worker_prefetch_multiplier=1,
+        # On a broker reconnect the unacked message is redelivered anyway; stop the running
+        # copy instead of doing the work twice.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        task_annotations={
+            PREPROCESS_TASK: _limits(settings.preprocess_time_limit_s),
+            FINETUNE_TASK: _limits(settings.finetune_time_limit_s),
+        },
+    )
+    return app
+
+
+app = create_worker_app(get_settings())
