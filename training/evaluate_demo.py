@@ -61,7 +61,11 @@ def _by_tercile(change: list[float], errors: dict[str, list[float]]) -> dict[str
     return {
         names[t]: {
             "pose_change_range": [float(edges[t]), float(edges[t + 1])],
-            **{m: float(np.mean(np.asarray(v)[bins == t])) for m, v in errors.items()},
+            # An empty third (tiny evaluations) reports None rather than a NaN mean.
+            **{
+                m: float(np.mean(np.asarray(v)[bins == t])) if (bins == t).any() else None
+                for m, v in errors.items()
+            },
         }
         for t in range(3)
     }
