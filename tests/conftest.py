@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -22,3 +26,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def tiny() -> ModelConfig:
     return ModelConfig.preset("tiny-64")
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    """A migrated SQLite database of the service's schema."""
+    from service.db import migrate  # service tests only: keeps other suites free of it
+
+    url = f"sqlite:///{tmp_path / 'lpd.db'}"
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def sessions(db_url: str) -> Iterator[Any]:
+    """A sessionmaker on `db_url`; the engine is disposed afterwards."""
+    from service.db import create_db_engine, create_session_factory
+
+    engine = create_db_engine(db_url)
+    yield create_session_factory(engine)
+    engine.dispose()

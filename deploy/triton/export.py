@@ -160,10 +160,9 @@ def build_repository(checkpoint: Path, out: Path, repo: RepositoryConfig) -> Pat
             params: dict[str, str] = {}
             if name in onnx_files:
                 onnx_files[name].replace(version / "model.onnx")
-            elif name == spec.REENACT:
-                (version / "model.py").write_text(_model_py(name))
             else:
                 (version / "model.py").write_text(_model_py(name))
+            if name not in onnx_files and name != spec.REENACT:  # the BLS holds no weights
                 _link_or_copy(checkpoint, version / WEIGHTS_FILE)
                 params = {"checkpoint": WEIGHTS_FILE, "dtype": repo.dtype}
                 params["threads"] = str(repo.threads)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.auth import create_api_key, create_tenant
 from service.config import Settings
-from service.db import create_db_engine, create_session_factory, migrate, session_scope
+from service.db import session_scope
 from service.jobs import transition
 from service.main import create_app
 from service.models import Avatar, Job, JobStatus
@@ -45,20 +45,6 @@ class RecordingQueue:
 
     def workers_per_queue(self, timeout_s: float) -> dict[str, int]:
         return self.workers
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'lpd.db'}"
-    migrate(url)
-    return url
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = create_db_engine(db_url)
-    yield create_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from service.auth import (
     revoke_api_key,
 )
 from service.config import Settings
-from service.db import create_db_engine, create_session_factory, migrate, session_scope
+from service.db import session_scope
 from service.errors import ApiError
 from service.main import create_app
 from service.models import ApiKey
@@ -40,20 +40,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'lpd.db'}"
-    migrate(url)
-    return url
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = create_db_engine(db_url)
-    yield create_session_factory(engine)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from alembic import command
@@ -20,7 +18,6 @@ from service import jobs
 from service.db import (
     alembic_config,
     create_db_engine,
-    create_session_factory,
     migrate,
     normalize_url,
     session_scope,
@@ -29,20 +26,6 @@ from service.jobs import InvalidTransition, JobNotFound
 from service.models import ApiKey, Base, Job, JobKind, JobStatus, Tenant, utcnow
 
 S = JobStatus
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'lpd.db'}"
-    migrate(url)
-    return url
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = create_db_engine(db_url)
-    yield create_session_factory(engine)
-    engine.dispose()
 
 
 def make_job(sessions: sessionmaker[Session], status: JobStatus = S.QUEUED) -> str:
