@@ -28,12 +28,10 @@ from service.storage import ArtifactStore
 from tests.unit.test_avatars_api import (  # reuse the API fixtures
     RecordingQueue,
     alice,  # noqa: F401
-    db_url,  # noqa: F401
     encode,
     face_jpeg,
     make_key,
     photos,
-    sessions,  # noqa: F401
 )
 from workers import runtime
 from workers.finetune import finetune_job
@@ -47,7 +45,7 @@ IDENTITY_DIM = read_header(DEMO)[0].identity_dim
 
 
 @pytest.fixture
-def settings(db_url: str, tmp_path: Path) -> Settings:  # noqa: F811
+def settings(db_url: str, tmp_path: Path) -> Settings:
     return Settings(
         database_url=db_url,
         artifacts_dir=tmp_path / "artifacts",
@@ -68,7 +66,7 @@ def queue() -> RecordingQueue:
 @pytest.fixture
 def ctx(
     settings: Settings,
-    sessions: sessionmaker[Session],  # noqa: F811
+    sessions: sessionmaker[Session],
     queue: RecordingQueue,
 ) -> WorkerContext:
     return WorkerContext(settings, sessions, ArtifactStore(settings.artifacts_dir), queue)
@@ -388,7 +386,7 @@ def test_other_tenants_jobs_stay_invisible_after_processing(
     ctx: WorkerContext,
     client: TestClient,
     alice: dict[str, str],  # noqa: F811
-    sessions: sessionmaker[Session],  # noqa: F811
+    sessions: sessionmaker[Session],
 ) -> None:
     bob = make_key(sessions, "bob")
     job_id = create(client, alice, face_jpeg())
