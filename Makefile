@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-unit lint format bench summary triton-repo triton clean
+.PHONY: setup test test-unit lint format bench summary triton-repo triton run clean
 
 setup: $(STAMP)
 
@@ -38,10 +38,13 @@ CHECKPOINT ?= checkpoints/demo-tiny-64.safetensors
 TRITON_REPO ?= artifacts/triton-repository
 
 triton-repo: setup  ## Triton model repository (python flavour) for CHECKPOINT
-	$(PY) -m deploy.triton.export $(CHECKPOINT) $(TRITON_REPO) --avatar-dir artifacts/avatars
+	$(PY) -m deploy.triton.export $(CHECKPOINT) $(TRITON_REPO) --avatar-dir artifacts/served-avatars
 
 triton: triton-repo  ## the embedded tritonserver on 127.0.0.1:8000 (HTTP) / 8001 (gRPC)
 	$(PY) -m deploy.triton.serve --repository $(TRITON_REPO)
+
+run: setup  ## the whole service on 127.0.0.1:8000 (Redis, SQLite, Triton, a worker, the API)
+	$(PY) -m deploy.local
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -69,6 +69,38 @@ def feather_mask(size: int, width: float) -> np.ndarray:
     return np.minimum(edge[None, :], edge[:, None])
 
 
+def warp_to_frame(
+    rgb: np.ndarray,
+    mask: np.ndarray,
+    transform: CropTransform,
+    frame_size: tuple[int, int],
+    feather: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A generated crop moved into frame coordinates (inverse of `crop_face`): a premultiplied
+    colour layer (H, W, 3) float in [0, 1] and its alpha (H, W) float in [0, 1].
+
+    rgb: (S, S, 3) premultiplied by mask (the generator's black background), float in [0, 1]
+    or uint8; mask: (S, S) float in [0, 1]. The crop border is feathered over
+    `feather` x S pixels so no seam shows. `frame_size` is (width, height).
+    """
+    size = transform.size
+    if rgb.shape[:2] != (size, size) or mask.shape != (size, size):
+        raise ValueError(f"rgb/mask must be {size}x{size}, got {rgb.shape} / {mask.shape}")
+    rgb_f = rgb.astype(np.float32) / (255.0 if rgb.dtype == np.uint8 else 1.0)
+    edge = feather_mask(size, feather * size)
+    # Scaling a premultiplied colour by the feather keeps it premultiplied by alpha.
+    layer = np.dstack([rgb_f * edge[..., None], mask.astype(np.float32) * edge])
+    warped = cv2.warpAffine(
+        layer,
+        transform.crop_to_frame_matrix(),
+        frame_size,
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(0, 0, 0, 0),
+    )
+    return warped[..., :3], np.clip(warped[..., 3], 0.0, 1.0)
+
+
 def paste_back(
     frame: np.ndarray,
     rgb: np.ndarray,
@@ -76,30 +108,23 @@ def paste_back(
     transform: CropTransform,
     feather: float = 0.05,
 ) -> np.ndarray:
-    """Put a generated crop back into the full frame (inverse of `crop_face`).
+    """Put a generated crop back into the full frame; returns a new (H, W, 3) uint8 frame.
 
-    rgb: (S, S, 3) premultiplied by mask (the generator's black background), float in [0, 1]
-    or uint8; mask: (S, S) float in [0, 1]. The crop border is feathered over
-    `feather` x S pixels so no seam shows. Returns a new (H, W, 3) uint8 frame.
+    Arguments as for `warp_to_frame`.
     """
-    size = transform.size
-    if rgb.shape[:2] != (size, size) or mask.shape != (size, size):
-        raise ValueError(f"rgb/mask must be {size}x{size}, got {rgb.shape} / {mask.shape}")
-    rgb_f = rgb.astype(np.float32) / (255.0 if rgb.dtype == np.uint8 else 1.0)
-    alpha = mask.astype(np.float32) * feather_mask(size, feather * size)
-    # Scaling a premultiplied colour by the feather keeps it premultiplied by alpha.
-    layer = np.dstack([rgb_f * feather_mask(size, feather * size)[..., None], alpha])
     h, w = frame.shape[:2]
-    warped = cv2.warpAffine(
-        layer,
-        transform.crop_to_frame_matrix(),
-        (w, h),
-        flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(0, 0, 0, 0),
-    )
-    out = warped[..., :3] * 255 + (1 - warped[..., 3:]) * frame.astype(np.float32)
+    colour, alpha = warp_to_frame(rgb, mask, transform, (w, h), feather)
+    out = colour * 255 + (1 - alpha[..., None]) * frame.astype(np.float32)
     return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def unpremultiply(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Straight RGBA (H, W, 4) uint8 from a premultiplied colour (H, W, 3) and alpha (H, W)
+    in [0, 1], for formats that store alpha separately (WebM VP9)."""
+    a = alpha.astype(np.float32)[..., None]
+    straight = np.where(a > 1e-3, colour.astype(np.float32) / np.maximum(a, 1e-3), 0.0)
+    rgba = np.concatenate([np.clip(straight, 0, 1), a], axis=-1) * 255
+    return np.clip(rgba, 0, 255).round().astype(np.uint8)
 
 
 def composite(

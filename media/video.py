@@ -99,6 +99,39 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
         )
 
 
+def check_video(path: str | os.PathLike[str]) -> VideoInfo:
+    """`probe`, then demux every video packet and decode the first frame: catches a file cut
+    short or corrupt part-way in milliseconds per minute of video, without decoding it all
+    (an upload is checked with this before any work is queued)."""
+    info = probe(path)
+    name = Path(path).name
+    with open_video(path) as container:
+        stream = container.streams.video[0]
+        last, decoded = 0.0, False
+        try:
+            for packet in container.demux(stream):
+                if packet.pts is not None and packet.time_base is not None:
+                    last = max(last, float(packet.pts * packet.time_base))
+                if not decoded and packet.size:
+                    decoded = bool(stream.codec_context.decode(packet))
+        except av.FFmpegError as exc:
+            raise TruncatedMediaError(f"{name}: corrupt ({exc})") from exc
+        if not decoded:
+            with contextlib.suppress(av.FFmpegError):
+                decoded = bool(stream.codec_context.decode(None))
+        if not decoded:
+            raise TruncatedMediaError(f"{name}: no decodable video frames")
+        start = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+        expected = _declared_video_seconds(stream)
+        fps = info.fps or 25.0
+        end = last - start + 1 / fps
+        if expected is not None and end < expected - max(3 / fps, 0.02 * expected):
+            raise TruncatedMediaError(
+                f"{name}: stream ends at {end:.2f}s, header says {expected:.2f}s"
+            )
+    return info
+
+
 def read_frames(
     path: str | os.PathLike[str], max_frames: int | None = None, alpha: bool = False
 ) -> Iterator[Frame]:

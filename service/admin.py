@@ -29,6 +29,7 @@ from service.auth import (
 from service.config import get_settings
 from service.db import create_db_engine, create_session_factory, migrate, session_scope
 from service.models import Tenant
+from service.webhooks import webhook_secret
 
 
 class UsageError(Exception):
@@ -90,6 +91,11 @@ def _run_in_session(args: argparse.Namespace, session: Session) -> None:
                     f"{key.prefix:<14}{key.name[:23]:<24}"
                     f"{key.created_at:%Y-%m-%dT%H:%M:%SZ}  {revoked:<22}{rate}"
                 )
+        elif args.command == "webhook-secret":
+            secret = webhook_secret(get_settings(), _tenant(session, args.tenant).id)
+            if not secret:
+                raise UsageError("set LPD_SIGNED_URL_SECRET first: webhook keys derive from it")
+            print(secret)  # what the tenant's receiver verifies X-LPD-Signature with
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -110,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("revoke-key", help="revoke an API key; it stops working at once")
     p.add_argument("prefix", help="the 12 characters after 'lpd_' (see list-keys)")
     p = sub.add_parser("list-keys", help="a tenant's keys, revoked ones included")
+    p.add_argument("--tenant", required=True, help="tenant name")
+    p = sub.add_parser(
+        "webhook-secret", help="print the key a tenant's webhook receiver verifies with"
+    )
     p.add_argument("--tenant", required=True, help="tenant name")
     return parser
 

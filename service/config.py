@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
 
-QueueName = Literal["preprocess", "finetune", "reenact"]
+QueueName = Literal["preprocess", "finetune", "reenact", "events"]
 
 
 class Settings(BaseSettings):
@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         description="Photos, crops and fine-tuned weights by tenant and avatar id (never by "
         "client filenames); rendered videos.",
     )
+    served_avatars_dir: Path = Field(
+        default=Path("artifacts/served-avatars"),
+        description="Where workers publish fine-tuned avatars as `<key>.safetensors` for "
+        "Triton to load: the same directory as the Triton repository's `--avatar-dir` (a "
+        "shared volume when they run on different hosts).",
+    )
     job_result_ttl_s: int = Field(
         default=7 * 24 * 3600, gt=0, description="How long finished jobs' result files are kept."
     )
@@ -78,12 +84,16 @@ class Settings(BaseSettings):
         default=1920, gt=0, description="Longer side of a driving video, in pixels."
     )
     max_video_fps: float = Field(default=60.0, gt=0, description="Frame rate of a driving video.")
+    max_background_bytes: int = Field(
+        default=20 * MiB, gt=0, description="Size of an uploaded background image."
+    )
 
     # --- workers (Celery) -----------------------------------------------------------------
     required_queues: tuple[QueueName, ...] = Field(
         default=("preprocess", "finetune", "reenact"),
         description="Queues that need at least one worker for /readyz to pass; a deployment "
-        "without GPU workers drops `finetune`/`reenact` (JSON list in the environment).",
+        "without GPU workers drops `finetune`/`reenact`, one that sends webhooks adds "
+        "`events` (JSON list in the environment).",
     )
     broker_timeout_s: float = Field(
         default=5.0, gt=0, description="Connect/socket timeout for the broker when publishing."
@@ -99,6 +109,9 @@ class Settings(BaseSettings):
     )
     finetune_time_limit_s: int = Field(
         default=3600, ge=1, description="Hard time limit of a fine-tune task (prefork pool)."
+    )
+    reenact_time_limit_s: int = Field(
+        default=3600, ge=1, description="Hard time limit of a reenactment task (prefork pool)."
     )
     task_max_retries: int = Field(
         default=5, ge=0, description="Retries of a task after a transient error (DB, Redis)."
@@ -131,6 +144,13 @@ class Settings(BaseSettings):
         default="local",
         description="Where preprocessing embeds identities: in-process PyTorch or Triton.",
     )
+    reenact_batch: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Driver frames per Triton request of a reenactment job: larger batches "
+        "use a GPU better, smaller ones report progress and notice a cancel sooner.",
+    )
     finetune_device: str = Field(default="cpu", description="Torch device of fine-tuning.")
     finetune_checkpoint_every: int = Field(
         default=25, ge=1, description="Fine-tune steps between intermediate (resumable) states."
@@ -145,11 +165,70 @@ class Settings(BaseSettings):
         default=None, description="VGGFace weights; enables the face perceptual loss."
     )
 
+    # --- real-time stream (WS /v1/avatars/{id}/stream) -----------------------------------
+    max_stream_frame_bytes: int = Field(
+        default=2 * MiB, gt=0, description="Size of one JPEG frame a stream client sends."
+    )
+    max_stream_frame_pixels: int = Field(
+        default=3840 * 2160,
+        gt=0,
+        description="Width x height of one stream frame (4K); guards decompression bombs.",
+    )
+    stream_jpeg_quality: int = Field(
+        default=85, ge=1, le=95, description="JPEG quality of the frames a stream sends back."
+    )
+    max_streams_per_tenant: int = Field(
+        default=4,
+        ge=1,
+        description="Open streams per tenant in one API process; one more is closed with 4429.",
+    )
+    stream_idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="A stream with no client message for this long is closed."
+    )
+
     # --- abuse control -------------------------------------------------------------------
     rate_limit_per_minute: int = Field(
         default=120,
         ge=1,
         description="Requests per minute per API key, unless the key overrides it.",
+    )
+    rate_limit_fail_open: bool = Field(
+        default=True,
+        description="Let requests through unlimited while Redis is unreachable (logged), "
+        "rather than fail every call with 503: the limiter guards capacity, and a Redis "
+        "outage alone must not take the API down.",
+    )
+    rate_limit_key_prefix: str = Field(
+        default="lpd:ratelimit:", description="Redis key prefix of the limiter's per-key state."
+    )
+    rate_limit_recheck_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="After a Redis error the limiter skips Redis this long, so that a hung "
+        "Redis doesn't add a socket timeout to every request.",
+    )
+    max_avatars_per_tenant: int = Field(
+        default=100, ge=0, description="Stored avatars per tenant (failed ones count too)."
+    )
+    max_active_jobs_per_tenant: int = Field(
+        default=10, ge=0, description="Queued plus running jobs per tenant, of every kind."
+    )
+    quota_retry_after_s: int = Field(
+        default=30,
+        ge=1,
+        description="Retry-After sent with 429 `quota_exceeded` for active jobs (they finish).",
+    )
+    idempotency_ttl_s: int = Field(
+        default=24 * 3600,
+        gt=0,
+        description="How long a POST's response is replayed for its Idempotency-Key; older "
+        "records count as absent (and may be purged).",
+    )
+    idempotency_stale_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="A first request still in flight after this is presumed dead (its API "
+        "process crashed): a retry takes its key over instead of getting 409.",
     )
 
     # --- result links and webhooks -------------------------------------------------------
@@ -169,6 +248,23 @@ class Settings(BaseSettings):
     )
     webhook_backoff_s: float = Field(
         default=5.0, gt=0, description="First retry delay of a webhook; doubles per attempt."
+    )
+    webhook_allow_private_hosts: bool = Field(
+        default=False,
+        description="Accept callback URLs on private, loopback or link-local addresses. Off in "
+        "production: a callback must not reach the service's own network (SSRF).",
+    )
+    webhook_sweep_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often beat (re)sends due webhook deliveries: those recorded by the "
+        "API, and any whose publish or worker was lost.",
+    )
+    cleanup_interval_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How often beat removes expired job results, stale uploads and old "
+        "webhook deliveries.",
     )
 
 

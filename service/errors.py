@@ -92,6 +92,25 @@ def error_example(code: str, message: str, details: Any = None) -> dict[str, Any
     return {"model": ErrorResponse, "content": {"application/json": {"example": example}}}
 
 
+def error_examples(*errors: ApiError, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """An OpenAPI `responses` entry for several errors of one status (named by code), with
+    response headers as {name: description}."""
+    examples = {
+        e.code: {"value": {"error": {"code": e.code, "message": e.message, "details": e.details}}}
+        for e in errors
+    }
+    entry: dict[str, Any] = {
+        "model": ErrorResponse,
+        "content": {"application/json": {"examples": examples}},
+    }
+    if headers:
+        entry["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in headers.items()
+        }
+    return entry
+
+
 def validation_details(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Pydantic errors made JSON-safe: where, what, why; the rejected input is left out (it
     may be a whole upload or a secret)."""

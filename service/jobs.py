@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
 from service.models import Job, JobStatus, utcnow
+from service.webhooks import record_event
 
 TRANSITIONS: Final[Mapping[JobStatus, frozenset[JobStatus]]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
@@ -94,7 +95,9 @@ def transition(
     user canceled it, it already finished): re-read it to see why. `from_` narrows the
     accepted sources further (e.g. `running -> queued` only). Entering `running` stamps
     `started_at` and counts an attempt; entering a final status stamps `finished_at`, and
-    `succeeded` sets progress to 1. The caller commits (see `service.db.session_scope`).
+    `succeeded` sets progress to 1; a final status of a job with a `callback_url` also adds
+    its webhook delivery row (service.webhooks). The caller commits (see
+    `service.db.session_scope`).
 
     Raises `InvalidTransition` if a `from_` status can never reach `to`, `JobNotFound` if
     there is no such job, and `ValueError` for a field that is not settable.
@@ -125,6 +128,9 @@ def transition(
     applied = _update(session, job_id, values, Job.status.in_(allowed) if allowed else false())
     if not applied and session.scalar(select(Job.id).where(Job.id == job_id)) is None:
         raise JobNotFound(job_id)
+    if applied and target in TERMINAL:
+        # The webhook outbox row commits (or rolls back) with the status change itself.
+        record_event(session, job_id, target)
     return applied
 
 

@@ -22,11 +22,14 @@ from prometheus_client import (
 from redis import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.routes import avatars, health, jobs
+from service.api.routes import avatars, files, health, jobs, reenactments, stream
 from service.config import Settings, get_settings
 from service.db import create_db_engine, create_session_factory
 from service.errors import install_error_handlers
+from service.live import LiveStreams
 from service.queue import CeleryQueue, create_celery
+from service.ratelimit import RateLimiter, RateLimitHeaders
+from service.signing import UrlSigner
 from service.storage import ArtifactStore
 from service.triton import TritonBackend, TritonConfig
 
@@ -101,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = Redis.from_url(
             settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout
         )
+        app.state.rate_limiter = RateLimiter(app.state.redis)
         app.state.triton_probe = TritonBackend(
             TritonConfig(
                 url=settings.triton_url,
@@ -109,9 +113,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 retries=0,
             )
         )
+        # Live inference (the stream): the per-attempt deadline of jobs, one quick retry.
+        app.state.inference = TritonBackend(
+            TritonConfig(
+                url=settings.triton_url,
+                protocol=settings.triton_protocol,
+                timeout_s=settings.triton_timeout_s,
+                retries=1,
+            )
+        )
         try:
             yield
         finally:
+            app.state.inference.close()
             if isinstance(app.state.queue, CeleryQueue):
                 app.state.queue.app.close()
             app.state.triton_probe.close()
@@ -127,12 +141,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.store = ArtifactStore(settings.artifacts_dir)
+    app.state.signer = UrlSigner.from_settings(settings)
     # Publishes tasks by name; connects on first use. Tests may swap in a recorder.
     app.state.queue = CeleryQueue(create_celery(settings))
     app.state.metrics = HttpMetrics()
+    app.state.live = LiveStreams(app.state.metrics.registry, settings.max_streams_per_tenant)
+    app.add_middleware(RateLimitHeaders)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(avatars.router)
     app.include_router(jobs.router)
+    app.include_router(reenactments.router)
+    app.include_router(files.router)
+    app.include_router(stream.router)
     return app

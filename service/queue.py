@@ -14,13 +14,28 @@ from service.config import QueueName, Settings
 PREPROCESS_QUEUE: Final[QueueName] = "preprocess"  # CPU: decode, detect, crop, segment, embed
 FINETUNE_QUEUE: Final[QueueName] = "finetune"  # GPU
 REENACT_QUEUE: Final[QueueName] = "reenact"  # GPU
-QUEUES: Final[tuple[QueueName, ...]] = (PREPROCESS_QUEUE, FINETUNE_QUEUE, REENACT_QUEUE)
+# CPU, any worker with the artifacts dir: webhook deliveries and beat's periodic upkeep.
+EVENTS_QUEUE: Final[QueueName] = "events"
+QUEUES: Final[tuple[QueueName, ...]] = (
+    PREPROCESS_QUEUE,
+    FINETUNE_QUEUE,
+    REENACT_QUEUE,
+    EVENTS_QUEUE,
+)
 
 PREPROCESS_TASK: Final = "avatars.preprocess"
 FINETUNE_TASK: Final = "avatars.finetune"
+REENACT_TASK: Final = "reenactments.render"
+WEBHOOK_TASK: Final = "webhooks.deliver"
+WEBHOOK_SWEEP_TASK: Final = "webhooks.sweep"
+CLEANUP_TASK: Final = "maintenance.cleanup"
 TASK_ROUTES: Final[dict[str, dict[str, str]]] = {
     PREPROCESS_TASK: {"queue": PREPROCESS_QUEUE},
     FINETUNE_TASK: {"queue": FINETUNE_QUEUE},
+    WEBHOOK_TASK: {"queue": EVENTS_QUEUE},
+    WEBHOOK_SWEEP_TASK: {"queue": EVENTS_QUEUE},
+    CLEANUP_TASK: {"queue": EVENTS_QUEUE},
+    REENACT_TASK: {"queue": REENACT_QUEUE},
 }
 
 

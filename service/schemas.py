@@ -1,13 +1,15 @@
-"""Request and response models of the avatar and job routes, with OpenAPI examples."""
+"""Request and response models of the avatar, reenactment and job routes, with OpenAPI
+examples."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Final, Generic, TypeVar
+from datetime import UTC, datetime
+from typing import Final, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.models import Avatar, AvatarStatus, FineTune, Job, JobKind, JobStatus
+from service.signing import UrlSigner
 
 T = TypeVar("T")
 
@@ -30,6 +32,11 @@ class AvatarOptions(BaseModel):
     steps: int | None = Field(
         None, ge=1, description="Fine-tune steps; default grows with the number of photos."
     )
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="Receives a signed POST when the job finishes (see Webhooks).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -46,8 +53,28 @@ class JobError(BaseModel):
 
 
 class JobLinks(BaseModel):
-    avatar: str | None = Field(None, description="The avatar this job made or updated.")
-    preview: str | None = Field(None, description="PNG: photos above their reconstructions.")
+    avatar: str | None = Field(default=None, description="The avatar this job made or updated.")
+    preview: str | None = Field(
+        default=None, description="PNG: photos above their reconstructions."
+    )
+    video: str | None = Field(
+        default=None, description="The reenacted video (needs the API key; supports HTTP Range)."
+    )
+    mask: str | None = Field(
+        default=None, description="The matte: a grey MP4 of the avatar's mask."
+    )
+    video_url: str | None = Field(
+        default=None,
+        description="A signed link to `video` that needs no API key, until `expires_at`.",
+    )
+    mask_url: str | None = Field(default=None, description="A signed link to `mask`.")
+    expires_at: datetime | None = Field(default=None, description="When the signed links expire.")
+    expired: bool = Field(
+        default=False, description="The result files were deleted after the retention period."
+    )
+    frames: int | None = Field(default=None, description="Frames rendered (one per driver frame).")
+    fps: float | None = Field(default=None, description="Frame rate of the result (the driver's).")
+    audio: bool | None = Field(default=None, description="Whether the driver's audio was kept.")
 
 
 class JobOut(BaseModel):
@@ -90,7 +117,8 @@ class JobOut(BaseModel):
     error: JobError | None = None
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job, signer: UrlSigner | None = None) -> JobOut:
+        """The job as clients see it; `signer` adds signed links to result files."""
         error = None
         if job.error_code is not None:
             error = JobError(
@@ -99,7 +127,9 @@ class JobOut(BaseModel):
                 retryable=bool(job.error_retryable),
             )
         result = None
-        if job.status is JobStatus.SUCCEEDED and job.avatar_id is not None:
+        if job.status is JobStatus.SUCCEEDED and job.kind is JobKind.REENACT:
+            result = _reenact_links(job, signer)
+        elif job.status is JobStatus.SUCCEEDED and job.avatar_id is not None:
             preview = bool((job.result or {}).get("preview"))
             result = JobLinks(
                 avatar=f"/v1/avatars/{job.avatar_id}",
@@ -120,6 +150,25 @@ class JobOut(BaseModel):
             result=result,
             error=error,
         )
+
+
+def _reenact_links(job: Job, signer: UrlSigner | None) -> JobLinks:
+    info = job.result or {}
+    files: dict[str, str] = info.get("files", {})
+    expired = bool(info.get("expired"))
+    links: dict[str, object] = {
+        "avatar": f"/v1/avatars/{job.avatar_id}" if job.avatar_id else None,
+        "expired": expired,
+        "frames": info.get("frames"),
+        "fps": info.get("fps"),
+        "audio": info.get("audio"),
+    }
+    for name in files if not expired else ():
+        links[name] = f"/v1/jobs/{job.id}/files/{name}"
+        if signer is not None:
+            links[f"{name}_url"], expires = signer.sign(job.id, name)
+            links["expires_at"] = datetime.fromtimestamp(expires, UTC)
+    return JobLinks.model_validate(links)
 
 
 class AvatarOut(BaseModel):
@@ -182,3 +231,57 @@ class Page(BaseModel, Generic[T]):
 
     items: list[T]
     next_cursor: str | None = None
+
+
+OutputKind = Literal["mp4", "webm", "mask"]
+BackgroundKind = Literal["generated", "color", "image"]
+BACKGROUND_IMAGE_FIELD: Final = "background_image"
+VIDEO_FIELD: Final = "video"
+
+
+class ReenactOptions(BaseModel):
+    """The form fields of `POST /v1/reenactments` besides the video and background image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    avatar_id: str = Field(description="A `ready` avatar of yours.", examples=[_AVATAR_ID])
+    output: OutputKind = Field(
+        "mp4",
+        description="`mp4`: H.264 with the driver's audio. `webm`: VP9 with an alpha channel "
+        "(the avatar's mask) and Opus audio. `mask`: only the matte, a grey MP4. Every job "
+        "also returns the matte as `mask`.",
+    )
+    background: BackgroundKind = Field(
+        "generated",
+        description="Behind the avatar's head crop: `generated` (the model's own), `color` "
+        "(`background_color`) or `image` (the `background_image` upload). Not with "
+        "`paste_back` (the driver's frame is the background) or `webm` (alpha is).",
+    )
+    background_color: str = Field(
+        "#00b140", pattern=r"^#[0-9a-fA-F]{6}$", description="`#rrggbb`, for `color`."
+    )
+    paste_back: bool = Field(
+        False,
+        description="Paste the avatar's head into the driver's full frames (same size as "
+        "the driver) instead of returning the head crop.",
+    )
+    keep_audio: bool = Field(True, description="Copy the driver's audio track into the result.")
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="Receives a signed POST when the job finishes (see Webhooks).",
+    )
+
+    @model_validator(mode="after")
+    def _compatible(self) -> ReenactOptions:
+        if self.background != "generated" and self.paste_back:
+            raise ValueError(
+                "`background` needs paste_back=false: the driver frame is the background"
+            )
+        if self.background != "generated" and self.output != "mp4":
+            raise ValueError("`background` applies to `mp4` output (webm carries alpha instead)")
+        return self
+
+    def rgb(self) -> tuple[int, int, int]:
+        value = int(self.background_color[1:], 16)
+        return (value >> 16) & 255, (value >> 8) & 255, value & 255

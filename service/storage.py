@@ -1,5 +1,6 @@
 """Local-directory artifact store: each avatar's photos, crops and weights under
-`artifacts_dir/tenants/<tenant id>/avatars/<avatar id>/`.
+`artifacts_dir/tenants/<tenant id>/avatars/<avatar id>/`, each job's upload and results under
+`artifacts_dir/tenants/<tenant id>/jobs/<job id>/`.
 
 Paths are built only from ids this service generated (checked to be UUIDs), never from
 client filenames; files are written to a temporary name and renamed, so a reader never sees
@@ -21,6 +22,7 @@ import numpy as np
 PHOTOS = "photos"
 CROPS = "crops.npz"
 FINETUNE = "finetune"
+INPUT = "input"
 
 
 def _checked_id(value: str) -> str:
@@ -62,6 +64,13 @@ class ArtifactStore:
             self.avatar_dir(tenant_id, avatar_id) / FINETUNE / f"{_checked_id(job_id)}.safetensors"
         )
 
+    def job_dir(self, tenant_id: str, job_id: str) -> Path:
+        """A reenactment job's driver upload (`input/`) and rendered results."""
+        return self.root / "tenants" / _checked_id(tenant_id) / "jobs" / _checked_id(job_id)
+
+    def job_input_dir(self, tenant_id: str, job_id: str) -> Path:
+        return self.job_dir(tenant_id, job_id) / INPUT
+
     def photos(self, tenant_id: str, avatar_id: str) -> list[Path]:
         """The stored photos in upload order."""
         folder = self.photos_dir(tenant_id, avatar_id)
@@ -102,3 +111,40 @@ class ArtifactStore:
     def delete_avatar(self, tenant_id: str, avatar_id: str) -> None:
         """Remove everything stored for the avatar (idempotent)."""
         shutil.rmtree(self.avatar_dir(tenant_id, avatar_id), ignore_errors=True)
+
+    def delete_job(self, tenant_id: str, job_id: str) -> None:
+        """Remove a job's upload and results (idempotent)."""
+        shutil.rmtree(self.job_dir(tenant_id, job_id), ignore_errors=True)
+
+
+# --- fine-tuned avatars for the inference server ---------------------------------------------
+SERVED_SUFFIX = ".safetensors"
+
+
+def served_avatar_key(artifact_path: str) -> str:
+    """The name Triton knows a fine-tuned avatar by: its fine-tune job's id (the checkpoint's
+    stem), so weights from a newer fine-tune never hit a cached older copy."""
+    return _checked_id(Path(artifact_path).stem)
+
+
+def publish_served_avatar(source: Path, served_dir: Path, key: str) -> Path:
+    """Make `<served_dir>/<key>.safetensors` (Triton's `--avatar-dir`) hold `source`: a hard
+    link when both share a filesystem, else a copy; atomic, and a no-op when present."""
+    target = Path(served_dir) / f"{_checked_id(key)}{SERVED_SUFFIX}"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # another filesystem, or links not supported
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def unpublish_served_avatar(served_dir: Path, key: str) -> None:
+    (Path(served_dir) / f"{_checked_id(key)}{SERVED_SUFFIX}").unlink(missing_ok=True)

@@ -1,5 +1,6 @@
-"""Photo uploads: a multipart body streamed straight to disk under size and count limits, and
-photos validated by decoding them (Pillow), never by their name or declared type.
+"""Uploads: a multipart body streamed straight to disk under size and count limits, and
+photos validated by decoding them (Pillow), never by their name or declared type (videos are
+validated by decoding them with PyAV, in service.driver_video).
 
 Starlette's form parser spools whole files before the endpoint runs and has no per-file
 limit; parsing here stops reading at the first photo over the limit.
@@ -7,7 +8,7 @@ limit; parsing here stops reading at the first photo over the limit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
@@ -32,10 +33,30 @@ DECODERS: Final = ["JPEG", "PNG", "WEBP"]
 FORMATS: Final = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
+@dataclass(frozen=True)
+class FileField:
+    """A multipart field that carries files, and its limits."""
+
+    name: str
+    max_count: int
+    max_bytes: int
+    code: str  # the 413 code when one file is over `max_bytes`, e.g. `photo_too_large`
+    noun: str  # "photo", for messages
+
+
 @dataclass
 class ReceivedForm:
-    photos: list[Path] = field(default_factory=list)  # staged files, in upload order
+    files: dict[str, list[Path]] = field(default_factory=dict)  # staged files, upload order
     fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def photos(self) -> list[Path]:
+        return self.files.get(PHOTO_FIELD, [])
+
+    def file(self, name: str) -> Path | None:
+        """The single file sent as `name`, if any."""
+        found = self.files.get(name, [])
+        return found[0] if found else None
 
 
 @dataclass(frozen=True)
@@ -53,13 +74,13 @@ def photo_too_large(index: int, message: str) -> ApiError:
     return ApiError(413, "photo_too_large", message, {"photo": index})
 
 
-class _PhotoParser:
-    """python-multipart callbacks writing each photo part to `staging/<index>.upload`."""
+class _FormParser:
+    """python-multipart callbacks writing file parts to `staging/[<field>-]<index>.upload`
+    (photos without the prefix: the avatar route publishes the staging folder as is)."""
 
-    def __init__(self, staging: Path, max_photos: int, max_photo_bytes: int) -> None:
+    def __init__(self, staging: Path, files: Sequence[FileField]) -> None:
         self.staging = staging
-        self.max_photos = max_photos
-        self.max_photo_bytes = max_photo_bytes
+        self.limits = {f.name: f for f in files}
         self.form = ReceivedForm()
         self._header_name = b""
         self._header_value = b""
@@ -98,24 +119,27 @@ class _PhotoParser:
         _, options = parse_options_header(self._disposition)
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
         is_file = b"filename" in options  # the filename itself is ignored
-        if is_file != (self._name == PHOTO_FIELD):
+        limit = self.limits.get(self._name)
+        if is_file != (limit is not None):
+            allowed = ", ".join(f"`{name}`" for name in self.limits)
             raise ApiError(
                 422,
                 "invalid_request",
-                f"only `{PHOTO_FIELD}` parts may be files, and they must be",
+                f"only {allowed} parts may be files, and they must be",
                 {"field": self._name},
             )
-        if is_file:
-            index = len(self.form.photos)
-            if index >= self.max_photos:
+        if limit is not None:
+            staged = self.form.files.setdefault(limit.name, [])
+            if len(staged) >= limit.max_count:
                 raise ApiError(
                     413,
-                    "too_many_photos",
-                    f"at most {self.max_photos} photos per avatar",
-                    {"max_photos": self.max_photos},
+                    f"too_many_{limit.noun}s",
+                    f"at most {limit.max_count} {limit.noun}(s) as `{limit.name}`",
+                    {f"max_{limit.noun}s": limit.max_count},
                 )
-            path = self.staging / f"{index:02d}.upload"
-            self.form.photos.append(path)
+            prefix = "" if limit.name == PHOTO_FIELD else f"{limit.name}-"
+            path = self.staging / f"{prefix}{len(staged):02d}.upload"
+            staged.append(path)
             self._file = path.open("wb")
         elif len(self.form.fields) >= MAX_FIELDS:
             raise ApiError(422, "invalid_request", "too many form fields")
@@ -127,9 +151,14 @@ class _PhotoParser:
                 raise ApiError(422, "invalid_request", f"form field {self._name!r} is too long")
             self._data += data[start:end]
             return
-        if self._size > self.max_photo_bytes:
-            raise photo_too_large(
-                len(self.form.photos) - 1, f"a photo may be at most {self.max_photo_bytes} bytes"
+        limit = self.limits[self._name]
+        if self._size > limit.max_bytes:
+            index = len(self.form.files[limit.name]) - 1
+            raise ApiError(
+                413,
+                limit.code,
+                f"a {limit.noun} may be at most {limit.max_bytes} bytes",
+                {limit.noun: index, "max_bytes": limit.max_bytes},
             )
         self._file.write(data[start:end])
 
@@ -147,17 +176,15 @@ class _PhotoParser:
             self._file = None
 
 
-async def receive_photos(
-    request: Request, staging: Path, *, max_photos: int, max_photo_bytes: int
-) -> ReceivedForm:
-    """Stream a multipart/form-data body into `staging`: `photos` parts become files, other
-    parts short text fields. Raises ApiError (413/415/422) as soon as a limit is crossed."""
+async def receive_form(request: Request, staging: Path, files: Sequence[FileField]) -> ReceivedForm:
+    """Stream a multipart/form-data body into `staging`: parts named in `files` become files,
+    other parts short text fields. Raises ApiError (413/415/422) as soon as a limit is crossed."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
-        raise ApiError(415, "unsupported_media_type", "send the photos as multipart/form-data")
+        raise ApiError(415, "unsupported_media_type", "send the request as multipart/form-data")
     # A declared length beyond what the limits allow is refused before reading a byte.
-    limit = max_photos * (max_photo_bytes + PART_OVERHEAD) + MAX_FIELDS * (
+    limit = sum(f.max_count * (f.max_bytes + PART_OVERHEAD) for f in files) + MAX_FIELDS * (
         MAX_FIELD_BYTES + PART_OVERHEAD
     )
     declared = request.headers.get("content-length", "")
@@ -169,7 +196,7 @@ async def receive_photos(
             {"max_bytes": limit},
         )
     staging.mkdir(parents=True, exist_ok=True)
-    state = _PhotoParser(staging, max_photos, max_photo_bytes)
+    state = _FormParser(staging, files)
     parser = MultipartParser(boundary, state.callbacks())  # type: ignore[arg-type]
     try:
         async for chunk in request.stream():
@@ -184,6 +211,14 @@ async def receive_photos(
     finally:
         state.close()
     return state.form
+
+
+async def receive_photos(
+    request: Request, staging: Path, *, max_photos: int, max_photo_bytes: int
+) -> ReceivedForm:
+    """`receive_form` for an avatar: up to `max_photos` files as `photos`."""
+    photos = FileField(PHOTO_FIELD, max_photos, max_photo_bytes, "photo_too_large", "photo")
+    return await receive_form(request, staging, [photos])
 
 
 def inspect_photo(path: Path, index: int, max_pixels: int) -> PhotoInfo:

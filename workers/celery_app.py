@@ -3,6 +3,11 @@ guarantees a worker needs. Start one from the repository root with
 
     python -m celery -A workers.celery_app worker -Q preprocess          # CPU
     python -m celery -A workers.celery_app worker -Q finetune -c 1       # one per GPU
+    python -m celery -A workers.celery_app worker -Q reenact -c 2        # Triton clients
+    python -m celery -A workers.celery_app worker -Q events              # webhooks, upkeep
+    python -m celery -A workers.celery_app beat                          # exactly one
+
+(beat publishes the webhook sweep and the cleanup; on a single node `worker -B` runs it.)
 
 (`python -m` keeps the root on sys.path, where the stages import model/ and training/.)
 
@@ -16,12 +21,32 @@ from typing import Any
 from celery import Celery
 
 from service.config import Settings, get_settings
-from service.queue import FINETUNE_TASK, PREPROCESS_TASK, create_celery
+from service.queue import (
+    CLEANUP_TASK,
+    FINETUNE_TASK,
+    PREPROCESS_TASK,
+    REENACT_TASK,
+    WEBHOOK_SWEEP_TASK,
+    create_celery,
+)
 
 
 def _limits(hard_s: int) -> dict[str, Any]:
     """Hard and soft time limits; the soft one lets the task record a typed failure first."""
     return {"time_limit": hard_s, "soft_time_limit": max(1, hard_s - max(10, hard_s // 20))}
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Beat's periodic tasks; a run not started within one interval expires (the next one
+    does the same work), so a backlog never piles up behind a missing events worker."""
+    every = {
+        WEBHOOK_SWEEP_TASK: settings.webhook_sweep_interval_s,
+        CLEANUP_TASK: settings.cleanup_interval_s,
+    }
+    return {
+        name: {"task": name, "schedule": interval, "options": {"expires": interval}}
+        for name, interval in every.items()
+    }
 
 
 def create_worker_app(settings: Settings) -> Celery:
@@ -42,7 +67,9 @@ def create_worker_app(settings: Settings) -> Celery:
         task_annotations={
             PREPROCESS_TASK: _limits(settings.preprocess_time_limit_s),
             FINETUNE_TASK: _limits(settings.finetune_time_limit_s),
+            REENACT_TASK: _limits(settings.reenact_time_limit_s),
         },
+        beat_schedule=beat_schedule(settings),
     )
     return app
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
+from fastapi.requests import HTTPConnection
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,7 +19,10 @@ from service.config import Settings
 from service.db import session_scope
 from service.errors import ApiError
 from service.queue import TaskQueue
+from service.ratelimit import enforce_rate_limit
+from service.signing import UrlSigner
 from service.storage import ArtifactStore
+from service.triton import TritonBackend
 
 # Declares the scheme in OpenAPI (the docs' Authorize button); the header is parsed by
 # service.auth so that every failure gets the same typed 401.
@@ -48,15 +52,22 @@ SessionDep = Annotated[Session, Depends(get_session)]
 def get_principal(
     request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> Principal:
-    """The authenticated caller; 401 `unauthorized` with `WWW-Authenticate: Bearer` if none."""
+    """The authenticated caller; 401 `unauthorized` with `WWW-Authenticate: Bearer` if none.
+
+    Also counts the request against the key's rate limit (429 `rate_limited`): done here, so
+    that no authenticated route can forget it.
+    """
     try:
-        return authenticate(session, request.headers.get("Authorization"))
+        principal = authenticate(session, request.headers.get("Authorization"))
     except AuthenticationError as exc:
         raise ApiError(
             401, "unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"}
         ) from None
+    enforce_rate_limit(request, principal, settings)
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -80,6 +91,23 @@ def get_sessions(request: Request) -> sessionmaker[Session]:
     return sessions
 
 
+def get_signer(request: Request) -> UrlSigner | None:
+    """Signs result links; None when no `signed_url_secret` is configured."""
+    signer: UrlSigner | None = request.app.state.signer
+    return signer
+
+
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+SignerDep = Annotated[UrlSigner | None, Depends(get_signer)]
 QueueDep = Annotated[TaskQueue, Depends(get_queue)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
+
+
+def get_inference(connection: HTTPConnection) -> TritonBackend:
+    """The API process's Triton client for live inference (HTTP routes and WebSockets alike);
+    tests override it with a fake."""
+    backend: TritonBackend = connection.app.state.inference
+    return backend
+
+
+InferenceDep = Annotated[TritonBackend, Depends(get_inference)]

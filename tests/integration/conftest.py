@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import json
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from deploy.triton.export import RepositoryConfig, build_repository
 from deploy.triton.serve import ServerConfig, TritonServer, free_port
+from service.db import create_db_engine, migrate
 from service.triton import TritonBackend, TritonConfig
 
 DEMO = Path(__file__).resolve().parents[2] / "checkpoints" / "demo-tiny-64.safetensors"
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@contextmanager
+def postgres_schema(prefix: str = "lpd_test") -> Iterator[str]:
+    """A URL to a migrated, empty schema of its own in database `test` (via search_path),
+    dropped with everything in it afterwards, so reruns and parallel runs start clean."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_db_engine(POSTGRES)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
+        migrate(url)
+        yield url
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 @dataclass

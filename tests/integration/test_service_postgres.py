@@ -13,7 +13,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs
@@ -21,28 +21,17 @@ from service.config import Settings
 from service.db import create_db_engine, create_session_factory, migrate, session_scope
 from service.main import create_app
 from service.models import Base, Job, JobKind, JobStatus, Tenant
+from tests.integration.conftest import postgres_schema
 
 pytestmark = pytest.mark.integration
 
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    """A migrated, empty schema of its own (search_path), dropped with everything in it."""
-    schema = f"lpd_test_{uuid.uuid4().hex[:12]}"
-    admin = create_db_engine(POSTGRES)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
-        migrate(url)
+    with postgres_schema() as url:
         yield url
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 @pytest.fixture

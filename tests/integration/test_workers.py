@@ -49,9 +49,12 @@ class Worker:
     env: dict[str, str]
     log: Path
     name: str
+    queues: str = "preprocess,finetune"
+    beat_schedule: Path | None = None  # run beat inside (`-B`), its state file here
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        beat = ["-B", "-s", str(self.beat_schedule)] if self.beat_schedule else []
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [  # `-m`: the repository root stays on sys.path for lazy imports
@@ -62,7 +65,8 @@ class Worker:
                     "workers.celery_app",
                     "worker",
                     "-Q",
-                    "preprocess,finetune",
+                    self.queues,
+                    *beat,
                     "-c",
                     "1",
                     "--pool",
@@ -229,7 +233,8 @@ def test_a_photo_becomes_a_fine_tuned_avatar(stack: Stack) -> None:
     progress = [j["progress"] for j in seen]
     assert progress == sorted(progress) and progress[-1] == 1.0
     assert {"preprocess", "finetune"} & {j["stage"] for j in seen}
-    assert job["result"] == {
+    links = {k: v for k, v in job["result"].items() if v not in (None, False)}
+    assert links == {
         "avatar": f"/v1/avatars/{avatar_id}",
         "preview": f"/v1/avatars/{avatar_id}/preview",
     }

@@ -383,6 +383,32 @@ def test_admin_cli_key_lifecycle(
         assert cli(capsys, url, "revoke-key", prefix)[0] == 0  # idempotent
 
 
+def test_admin_cli_prints_the_tenants_webhook_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.config import get_settings
+    from service.webhooks import sign, verify_signature
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    cli(capsys, url, "migrate")
+    cli(capsys, url, "create-tenant", "acme")
+    cli(capsys, url, "create-tenant", "other")
+    get_settings.cache_clear()
+    monkeypatch.delenv("LPD_SIGNED_URL_SECRET", raising=False)
+    code, _, err = cli(capsys, url, "webhook-secret", "--tenant", "acme")
+    assert code == 2 and "LPD_SIGNED_URL_SECRET" in err
+    monkeypatch.setenv("LPD_SIGNED_URL_SECRET", "master")
+    get_settings.cache_clear()
+    try:
+        code, acme, _ = cli(capsys, url, "webhook-secret", "--tenant", "acme")
+        other = cli(capsys, url, "webhook-secret", "--tenant", "other")[1]
+    finally:
+        get_settings.cache_clear()
+    assert code == 0 and acme.startswith("whsec_") and acme != other
+    body = b'{"type": "job.succeeded"}'
+    assert verify_signature(acme.strip(), sign(acme.strip(), body), body)  # as a receiver does
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

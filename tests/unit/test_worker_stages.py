@@ -201,7 +201,8 @@ def test_light_finetune_replaces_the_zero_shot_avatar(
     assert not artifact.with_name(artifact.stem + ".work").exists()
 
     body = client.get(f"/v1/jobs/{job_id}", headers=alice).json()
-    assert body["result"] == {
+    links = {k: v for k, v in body["result"].items() if v not in (None, False)}
+    assert links == {
         "avatar": f"/v1/avatars/{avatar.id}",
         "preview": f"/v1/avatars/{avatar.id}/preview",
     }

@@ -3,6 +3,7 @@
 An avatar is usable zero-shot (identity embedding) once its job's preprocess stage is done;
 with `fine_tune` light/full the same job goes on to fine-tune, and its weights take over when
 it succeeds. Every query is filtered by the caller's tenant: other tenants' avatars are 404.
+Creation is bounded by the tenant's quotas and may carry an Idempotency-Key.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Final
 
+import anyio
 from fastapi import APIRouter, Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from sqlalchemy import delete, select
@@ -31,19 +34,52 @@ from service.api.paging import CursorQuery, LimitQuery, fetch_page
 from service.auth import Principal
 from service.config import Settings
 from service.db import session_scope
-from service.errors import ApiError, error_example, unavailable, validation_details
+from service.errors import (
+    ApiError,
+    error_example,
+    error_examples,
+    unavailable,
+    validation_details,
+)
+from service.idempotency import (
+    Claim,
+    IdempotencyKeyDep,
+    Replay,
+    abandon,
+    begin,
+    complete_or_log,
+    request_fingerprint,
+)
 from service.jobs import TERMINAL, transition
 from service.models import Avatar, AvatarStatus, FineTune, Job, JobKind, JobStatus, new_id
 from service.queue import PREPROCESS_TASK
+from service.quotas import check_avatar_quota, check_job_quota
 from service.schemas import AvatarCreated, AvatarOptions, AvatarOut, JobOut, Page
 from service.storage import ArtifactStore
 from service.uploads import PHOTO_FIELD, inspect_photo, receive_photos
+from service.webhooks import require_callback_url
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/avatars", tags=["avatars"])
 
+ACCEPTED: Final = 202
 NOT_FOUND: Final = error_example("not_found", "no such avatar")
+TOO_MANY: Final = error_examples(
+    ApiError(429, "rate_limited", "at most 120 requests per minute for this API key"),
+    ApiError(
+        429,
+        "quota_exceeded",
+        "at most 100 avatars; delete one first",
+        {"quota": "avatars", "limit": 100, "used": 100},
+    ),
+    headers={
+        "Retry-After": "Seconds to wait (rate limit and active-jobs quota).",
+        "X-RateLimit-Limit": "Requests per minute allowed for this API key.",
+        "X-RateLimit-Remaining": "Requests left now (also sent on successful responses).",
+        "X-RateLimit-Reset": "Seconds until the whole limit is available again.",
+    },
+)
 
 
 def _form_schema() -> dict[str, Any]:
@@ -105,14 +141,24 @@ def _store_photos(staging: Path, photos_dir: Path, photos: list[Path], max_pixel
     staging.rename(photos_dir)
 
 
+def _check_quotas(sessions: sessionmaker[Session], tenant_id: str, settings: Settings) -> None:
+    with session_scope(sessions) as session:
+        check_avatar_quota(session, tenant_id, settings)
+        check_job_quota(session, tenant_id, settings)
+
+
 def _create(
     sessions: sessionmaker[Session],
     principal: Principal,
     avatar_id: str,
     options: AvatarOptions,
     n: int,
+    settings: Settings,
 ) -> tuple[Avatar, Job]:
     with session_scope(sessions) as session:
+        # Again in the inserting transaction: concurrent uploads passed the early check.
+        check_avatar_quota(session, principal.tenant_id, settings)
+        check_job_quota(session, principal.tenant_id, settings)
         avatar = Avatar(
             id=avatar_id,
             tenant_id=principal.tenant_id,
@@ -126,6 +172,7 @@ def _create(
             kind=kind,
             avatar_id=avatar_id,
             stage="queued",
+            callback_url=options.callback_url,
             params={
                 "avatar_id": avatar_id,
                 "fine_tune": options.fine_tune.value,
@@ -166,18 +213,29 @@ def get_avatar_or_404(session: Session, principal: Principal, avatar_id: str) ->
 
 @router.post(
     "",
-    status_code=202,
+    status_code=ACCEPTED,
+    response_model=AvatarCreated,
     summary="Create an avatar from 1-32 photos",
     openapi_extra=_form_schema(),
     responses={
         400: error_example("malformed_multipart", "the multipart body is malformed"),
+        409: error_example(
+            "idempotency_in_progress",
+            "a request with this Idempotency-Key is still in progress; retry later",
+        ),
         413: error_example(
             "photo_too_large", "a photo may be at most 20971520 bytes", {"photo": 0}
         ),
         415: error_example("unsupported_media_type", "send the photos as multipart/form-data"),
-        422: error_example(
-            "not_an_image", "a photo is not a JPEG, PNG or WebP image", {"photo": 1}
+        422: error_examples(
+            ApiError(422, "not_an_image", "a photo is not a JPEG, PNG or WebP image", {"photo": 1}),
+            ApiError(
+                422,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request; use a new key",
+            ),
         ),
+        429: TOO_MANY,
         503: error_example("queue_unavailable", "the job queue is unavailable"),
     },
 )
@@ -189,7 +247,8 @@ async def create_avatar(
     store: StoreDep,
     queue: QueueDep,
     sessions: SessionsDep,
-) -> AvatarCreated:
+    idempotency_key: IdempotencyKeyDep,
+) -> AvatarCreated | Response:
     """Store the photos and queue the avatar's job; poll `GET /v1/jobs/{job.id}`.
 
     Photos are streamed to disk and rejected as soon as one exceeds `max_photo_bytes` (413
@@ -197,9 +256,19 @@ async def create_avatar(
     then decoded: 422 `not_an_image`, 413 `photo_too_large` for too many pixels, 422
     `no_photos` if there are none. The avatar is `ready` (zero-shot) once the job's
     preprocess stage is done; a fine-tuned one replaces it when the job succeeds.
+
+    429 `quota_exceeded` when the tenant has `max_avatars_per_tenant` avatars or
+    `max_active_jobs_per_tenant` queued or running jobs. With an `Idempotency-Key`, a retry
+    of the same request gets the first response again (`Idempotent-Replayed: true`), not a
+    second avatar.
     """
     tenant_id, avatar_id = principal.tenant_id, new_id()
+    if idempotency_key is None:
+        # Refused before the upload is read. Not with a key: this may be the retry of a request
+        # that succeeded, and the quota it used up must not hide its replay.
+        await run_in_threadpool(_check_quotas, sessions, tenant_id, settings)
     staging = store.staging_dir(tenant_id, avatar_id)
+    claim: Claim | None = None
     try:
         form = await receive_photos(
             request,
@@ -208,33 +277,61 @@ async def create_avatar(
             max_photo_bytes=settings.max_photo_bytes,
         )
         options = _options(form.fields, settings)
+        if options.callback_url is not None:
+            await run_in_threadpool(require_callback_url, options.callback_url, settings)
         if not form.photos:
             raise ApiError(422, "no_photos", f"send 1-{settings.max_photos} photos as `photos`")
+        if idempotency_key is not None:
+            fingerprint = await run_in_threadpool(
+                request_fingerprint,
+                request.method,
+                request.url.path,
+                form.fields,
+                {PHOTO_FIELD: form.photos},
+            )
+            outcome = await run_in_threadpool(
+                begin, sessions, tenant_id, idempotency_key, fingerprint, settings
+            )
+            if isinstance(outcome, Replay):
+                store.delete_avatar(tenant_id, avatar_id)  # only this upload's staging
+                return outcome.response(_location(outcome.body))
+            claim = outcome
         photos_dir = store.photos_dir(tenant_id, avatar_id)
         await run_in_threadpool(
             _store_photos, staging, photos_dir, form.photos, settings.max_photo_pixels
         )
+        avatar, job = await run_in_threadpool(
+            _create, sessions, principal, avatar_id, options, len(form.photos), settings
+        )
+        # Only after the commit: a worker must find the job it is handed.
+        try:
+            await run_in_threadpool(queue.enqueue, PREPROCESS_TASK, job.id)
+        except Exception as exc:  # kombu's OperationalError, redis errors: nothing was queued
+            logger.warning("enqueue of job %s failed: %s", job.id, exc)
+            await run_in_threadpool(_forget, sessions, avatar_id, job.id)
+            raise unavailable(
+                "queue_unavailable", "the job queue is unavailable", settings.retry_after_s
+            ) from None
     except BaseException:
-        store.delete_avatar(tenant_id, avatar_id)  # nothing but this upload is there yet
+        store.delete_avatar(tenant_id, avatar_id)  # no row refers to this upload
+        if claim is not None:
+            with anyio.CancelScope(shield=True):  # a retry must not find the key in flight
+                await run_in_threadpool(abandon, sessions, claim)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    avatar, job = await run_in_threadpool(
-        _create, sessions, principal, avatar_id, options, len(form.photos)
-    )
-    # Only after the commit: a worker must find the job it is handed.
-    try:
-        await run_in_threadpool(queue.enqueue, PREPROCESS_TASK, job.id)
-    except Exception as exc:  # kombu's OperationalError, redis errors: nothing was queued
-        logger.warning("enqueue of job %s failed: %s", job.id, exc)
-        await run_in_threadpool(_forget, sessions, avatar_id, job.id)
-        store.delete_avatar(tenant_id, avatar_id)
-        raise unavailable(
-            "queue_unavailable", "the job queue is unavailable", settings.retry_after_s
-        ) from None
+    created = AvatarCreated(avatar=AvatarOut.of(avatar, job.id), job=JobOut.of(job))
+    if claim is not None:
+        body = jsonable_encoder(created)
+        await run_in_threadpool(complete_or_log, sessions, claim, ACCEPTED, body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return AvatarCreated(avatar=AvatarOut.of(avatar, job.id), job=JobOut.of(job))
+    return created
+
+
+def _location(body: Any) -> dict[str, str]:
+    """The Location header of a created avatar's response body: its job."""
+    return {"Location": f"/v1/jobs/{body['job']['id']}"}
 
 
 @router.get("", summary="List avatars, newest first")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.api.deps import PrincipalDep, SessionDep
+from service.api.deps import PrincipalDep, SessionDep, SignerDep
 from service.api.paging import CursorQuery, LimitQuery, fetch_page
 from service.auth import Principal
 from service.errors import ApiError, error_example
@@ -37,6 +37,7 @@ def get_job_or_404(session: Session, principal: Principal, job_id: str) -> Job:
 def list_jobs(
     principal: PrincipalDep,
     session: SessionDep,
+    signer: SignerDep,
     limit: LimitQuery = 20,
     cursor: CursorQuery = None,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
@@ -49,14 +50,14 @@ def list_jobs(
     if avatar_id is not None:
         stmt = stmt.where(Job.avatar_id == avatar_id)
     jobs, next_cursor = fetch_page(session, stmt, Job.created_at, Job.id, limit, cursor)
-    return Page[JobOut](items=[JobOut.of(j) for j in jobs], next_cursor=next_cursor)
+    return Page[JobOut](items=[JobOut.of(j, signer) for j in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", summary="One job's status and progress", responses={404: NOT_FOUND})
-def get_job(job_id: str, principal: PrincipalDep, session: SessionDep) -> JobOut:
+def get_job(job_id: str, principal: PrincipalDep, session: SessionDep, signer: SignerDep) -> JobOut:
     """Status, progress (0-1), stage, timestamps; `result` links when it succeeded, `error`
     {code, message, retryable} when it failed."""
-    return JobOut.of(get_job_or_404(session, principal, job_id))
+    return JobOut.of(get_job_or_404(session, principal, job_id), signer)
 
 
 @router.post(

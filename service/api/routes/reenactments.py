@@ -1,0 +1,322 @@
+"""Reenactments: a driver video (and options) in, a job out; the reenact worker renders the
+avatar with the driver's pose through Triton and stores the result.
+
+The video is streamed to disk under `max_video_bytes`, then checked by demuxing it with PyAV
+(truncated, not a video, too long, too large, too fast) before anything is queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+from fastapi import APIRouter, Request, Response
+from fastapi.encoders import jsonable_encoder
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from media.errors import MediaError
+from media.video import VideoInfo, check_video
+from service.api.deps import (
+    PrincipalDep,
+    QueueDep,
+    SessionsDep,
+    SettingsDep,
+    SignerDep,
+    StoreDep,
+)
+from service.auth import Principal
+from service.config import Settings
+from service.db import session_scope
+from service.errors import (
+    ApiError,
+    error_example,
+    error_examples,
+    unavailable,
+    validation_details,
+)
+from service.idempotency import (
+    Claim,
+    IdempotencyKeyDep,
+    Replay,
+    abandon,
+    begin,
+    complete_or_log,
+    request_fingerprint,
+)
+from service.models import Avatar, Job, JobKind, new_id
+from service.queue import REENACT_TASK
+from service.quotas import check_job_quota
+from service.schemas import BACKGROUND_IMAGE_FIELD, VIDEO_FIELD, JobOut, ReenactOptions
+from service.uploads import FileField, inspect_photo, receive_form
+from service.webhooks import require_callback_url
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/reenactments", tags=["reenactments"])
+
+ACCEPTED: Final = 202
+DRIVER: Final = "driver"  # the stored upload's name (PyAV probes the content, not the name)
+BACKGROUND: Final = "background"
+
+
+def _form_schema() -> dict[str, Any]:
+    """The multipart body for OpenAPI (parsed by service.uploads, not by FastAPI)."""
+    options = ReenactOptions.model_json_schema()
+    binary = {"type": "string", "format": "binary"}
+    properties = {
+        VIDEO_FIELD: {**binary, "description": "The driver video (MP4, WebM, MOV, MKV...)."},
+        BACKGROUND_IMAGE_FIELD: {
+            **binary,
+            "description": "With `background=image`: a JPEG, PNG or WebP picture.",
+        },
+        **options["properties"],
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [VIDEO_FIELD, "avatar_id"],
+                        "properties": properties,
+                    }
+                }
+            },
+        }
+    }
+
+
+def _options(fields: dict[str, str]) -> ReenactOptions:
+    try:
+        return ReenactOptions.model_validate(fields)
+    except ValidationError as exc:
+        raise ApiError(
+            422, "invalid_request", "the request is not valid", validation_details(exc.errors())
+        ) from None
+
+
+def check_driver(path: Path, settings: Settings) -> VideoInfo:
+    """Decode-check the driver and hold it to the configured limits (typed 413/422)."""
+    try:
+        info = check_video(path)
+    except MediaError as exc:
+        code = {"truncated_media": "truncated_video"}.get(exc.code, "not_a_video")
+        raise ApiError(422, code, "the video cannot be decoded, or it is cut short") from None
+    longest = max(info.width, info.height)
+    limits = [
+        ("video_too_long", info.duration or 0.0, settings.max_video_duration_s, "seconds"),
+        ("video_too_large", longest, settings.max_video_resolution, "pixels on its longer side"),
+        ("video_too_fast", info.fps, settings.max_video_fps, "frames per second"),
+    ]
+    for code, value, limit, unit in limits:
+        if value > limit:
+            raise ApiError(
+                413 if code != "video_too_fast" else 422,
+                code,
+                f"the video may have at most {limit:g} {unit}, it has {value:g}",
+                {"limit": limit, "value": value},
+            )
+    return info
+
+
+def _store_upload(
+    staging: Path, inputs: Path, video: Path, background: Path | None, settings: Settings
+) -> VideoInfo:
+    """Check the staged files, give them their stored names, publish the input folder."""
+    info = check_driver(video, settings)
+    video.rename(staging / DRIVER)
+    if background is not None:
+        inspect_photo(background, 0, settings.max_photo_pixels)
+        background.rename(staging / BACKGROUND)
+    inputs.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(inputs)
+    return info
+
+
+def _ready_avatar(sessions: sessionmaker[Session], principal: Principal, avatar_id: str) -> None:
+    with session_scope(sessions) as session:
+        avatar = session.scalar(
+            select(Avatar).where(Avatar.id == avatar_id, Avatar.tenant_id == principal.tenant_id)
+        )
+        if avatar is None:
+            raise ApiError(404, "avatar_not_found", "no such avatar", {"avatar_id": avatar_id})
+        if avatar.identity_embedding is None:
+            raise ApiError(
+                409,
+                "avatar_not_ready",
+                f"the avatar is {avatar.status.value}; wait until it is ready",
+                {"status": avatar.status.value},
+            )
+
+
+def _check_quota(sessions: sessionmaker[Session], tenant_id: str, settings: Settings) -> None:
+    with session_scope(sessions) as session:
+        check_job_quota(session, tenant_id, settings)
+
+
+def _create(
+    sessions: sessionmaker[Session],
+    principal: Principal,
+    job_id: str,
+    options: ReenactOptions,
+    info: VideoInfo,
+    background: bool,
+    settings: Settings,
+) -> Job:
+    driver = {
+        "frames": info.num_frames,
+        "fps": info.fps,
+        "width": info.width,
+        "height": info.height,
+        "audio": info.has_audio,
+    }
+    params = options.model_dump(exclude={"callback_url"})
+    params.update(video=DRIVER, background_image=BACKGROUND if background else None, driver=driver)
+    with session_scope(sessions) as session:
+        # Again in the inserting transaction: concurrent uploads passed the early check.
+        check_job_quota(session, principal.tenant_id, settings)
+        job = Job(
+            id=job_id,
+            tenant_id=principal.tenant_id,
+            kind=JobKind.REENACT,
+            avatar_id=options.avatar_id,
+            stage="queued",
+            params=params,
+            callback_url=options.callback_url,
+        )
+        session.add(job)
+    return job
+
+
+def _forget(sessions: sessionmaker[Session], job_id: str) -> None:
+    with session_scope(sessions) as session:
+        job = session.get(Job, job_id)
+        if job is not None:
+            session.delete(job)
+
+
+@router.post(
+    "",
+    status_code=ACCEPTED,
+    response_model=JobOut,
+    summary="Reenact an avatar with a driver video",
+    openapi_extra=_form_schema(),
+    responses={
+        404: error_example("avatar_not_found", "no such avatar", {"avatar_id": "..."}),
+        409: error_example(
+            "avatar_not_ready",
+            "the avatar is pending; wait until it is ready",
+            {"status": "pending"},
+        ),
+        413: error_example(
+            "video_too_long",
+            "the video may have at most 300 seconds, it has 412.5",
+            {"limit": 300.0, "value": 412.5},
+        ),
+        415: error_example("unsupported_media_type", "send the request as multipart/form-data"),
+        422: error_example("truncated_video", "the video cannot be decoded, or it is cut short"),
+        429: error_examples(
+            ApiError(429, "rate_limited", "at most 120 requests per minute for this API key"),
+            ApiError(
+                429,
+                "quota_exceeded",
+                "at most 10 queued or running jobs; wait for one to finish",
+                {"quota": "active_jobs", "limit": 10, "used": 10},
+            ),
+            headers={"Retry-After": "Seconds to wait."},
+        ),
+        503: error_example("queue_unavailable", "the job queue is unavailable"),
+    },
+)
+async def create_reenactment(
+    request: Request,
+    response: Response,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    queue: QueueDep,
+    sessions: SessionsDep,
+    signer: SignerDep,
+    idempotency_key: IdempotencyKeyDep,
+) -> JobOut | Response:
+    """Upload a driver video for one of your avatars; poll `GET /v1/jobs/{id}`.
+
+    The result (when the job succeeds) is the avatar performing the driver's head pose and
+    expression, one frame per driver frame at the driver's frame rate, with the driver's
+    audio; `result.video` and `result.mask` download it (`*_url`: signed links). 429
+    `quota_exceeded` when the tenant has `max_active_jobs_per_tenant` unfinished jobs. With an
+    `Idempotency-Key`, a retry of the same request gets the first response again.
+    """
+    tenant_id, job_id = principal.tenant_id, new_id()
+    if idempotency_key is None:  # refused before the upload is read (see create_avatar)
+        await run_in_threadpool(_check_quota, sessions, tenant_id, settings)
+    inputs = store.job_input_dir(tenant_id, job_id)
+    staging = inputs.with_name(f".{inputs.name}.partial")
+    files = [
+        FileField(VIDEO_FIELD, 1, settings.max_video_bytes, "video_too_large", "video"),
+        FileField(
+            BACKGROUND_IMAGE_FIELD, 1, settings.max_background_bytes, "photo_too_large", "image"
+        ),
+    ]
+    claim: Claim | None = None
+    try:
+        form = await receive_form(request, staging, files)
+        options = _options(form.fields)
+        video, background = form.file(VIDEO_FIELD), form.file(BACKGROUND_IMAGE_FIELD)
+        if video is None:
+            raise ApiError(422, "no_video", f"send the driver video as `{VIDEO_FIELD}`")
+        if (background is not None) != (options.background == "image"):
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"send `{BACKGROUND_IMAGE_FIELD}` exactly when background=image",
+            )
+        if options.callback_url is not None:
+            await run_in_threadpool(require_callback_url, options.callback_url, settings)
+        if idempotency_key is not None:
+            fingerprint = await run_in_threadpool(
+                request_fingerprint, request.method, request.url.path, form.fields, form.files
+            )
+            outcome = await run_in_threadpool(
+                begin, sessions, tenant_id, idempotency_key, fingerprint, settings
+            )
+            if isinstance(outcome, Replay):
+                store.delete_job(tenant_id, job_id)  # only this upload's staging
+                return outcome.response({"Location": f"/v1/jobs/{outcome.body['id']}"})
+            claim = outcome
+        await run_in_threadpool(_ready_avatar, sessions, principal, options.avatar_id)
+        info = await run_in_threadpool(_store_upload, staging, inputs, video, background, settings)
+        job = await run_in_threadpool(
+            _create, sessions, principal, job_id, options, info, background is not None, settings
+        )
+        # Only after the commit: a worker must find the job it is handed.
+        try:
+            await run_in_threadpool(queue.enqueue, REENACT_TASK, job.id)
+        except Exception as exc:  # kombu's OperationalError, redis errors: nothing was queued
+            logger.warning("enqueue of job %s failed: %s", job.id, exc)
+            await run_in_threadpool(_forget, sessions, job.id)
+            raise unavailable(
+                "queue_unavailable", "the job queue is unavailable", settings.retry_after_s
+            ) from None
+    except BaseException:
+        store.delete_job(tenant_id, job_id)  # no row refers to this upload
+        if claim is not None:
+            with anyio.CancelScope(shield=True):  # a retry must not find the key in flight
+                await run_in_threadpool(abandon, sessions, claim)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    created = JobOut.of(job, signer)
+    if claim is not None:
+        body = jsonable_encoder(created)
+        await run_in_threadpool(complete_or_log, sessions, claim, ACCEPTED, body)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return created

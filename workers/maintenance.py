@@ -1,0 +1,142 @@
+"""Periodic upkeep, run by beat as `maintenance.cleanup`: delete reenactment results past
+`job_result_ttl_s` (the job row stays, marked expired), abandoned upload staging, old
+webhook rows and idempotency records. Every step is idempotent: the next run finishes an
+interrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, cast
+
+from sqlalchemy import CursorResult, and_, delete, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import session_scope
+from service.idempotency import purge_idempotency
+from service.jobs import TERMINAL
+from service.models import Job, JobKind, WebhookDelivery, utcnow
+from service.storage import ArtifactStore
+from workers.runtime import WorkerContext
+
+logger = logging.getLogger(__name__)
+
+STALE_UPLOAD_S: Final = 3600.0  # no upload takes this long to stage
+BATCH: Final = 200
+
+
+@dataclass(frozen=True)
+class CleanupReport:
+    expired_jobs: int
+    removed_uploads: int
+    deleted_deliveries: int
+    purged_idempotency: int
+
+
+def cleanup(ctx: WorkerContext, now: datetime | None = None) -> CleanupReport:
+    """One pass of every upkeep step, as of `now`."""
+    settings = ctx.settings
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=settings.job_result_ttl_s)
+    report = CleanupReport(
+        expired_jobs=expire_results(ctx.sessions, ctx.store, cutoff),
+        removed_uploads=remove_stale_uploads(ctx.store.root, now.timestamp() - STALE_UPLOAD_S),
+        deleted_deliveries=_in_session(ctx.sessions, delete_old_deliveries, cutoff),
+        purged_idempotency=_in_session(
+            ctx.sessions,
+            purge_idempotency,
+            now - timedelta(seconds=settings.idempotency_ttl_s),
+        ),
+    )
+    logger.info("cleanup: %s", report)
+    return report
+
+
+def expire_results(sessions: sessionmaker[Session], store: ArtifactStore, before: datetime) -> int:
+    """Delete the files of reenactment jobs that finished before `before`, then set their
+    `result["expired"]`; files go first, so a crash in between is redone, never leaked.
+
+    Preprocess and fine-tune jobs are left alone: their results are the avatar's files,
+    which live as long as the avatar.
+    """
+    not_expired = Job.result["expired"].as_boolean().is_not(True)
+    done: set[str] = set()
+    while True:
+        with session_scope(sessions) as session:
+            rows = session.execute(
+                select(Job.id, Job.tenant_id)
+                .where(
+                    Job.kind == JobKind.REENACT,
+                    Job.status.in_(TERMINAL),
+                    Job.finished_at < before,
+                    not_expired,
+                )
+                .order_by(Job.finished_at, Job.id)
+                .limit(BATCH)
+            ).all()
+        batch = [(job_id, tenant_id) for job_id, tenant_id in rows if job_id not in done]
+        if not batch:
+            return len(done)
+        for job_id, tenant_id in batch:
+            store.delete_job(tenant_id, job_id)
+        with session_scope(sessions) as session:
+            for job_id, _ in batch:
+                job = session.get(Job, job_id)
+                if job is not None:
+                    job.result = {**(job.result or {}), "expired": True}
+        done.update(job_id for job_id, _ in batch)
+
+
+def remove_stale_uploads(root: Path, before_ts: float) -> int:
+    """Remove upload staging (`.<name>.partial`, a directory or a file) anywhere under `root`
+    last modified before `before_ts`: what a crashed or killed API process left behind."""
+    removed = 0
+    for folder, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            if not (name.startswith(".") and name.endswith(".partial")):
+                continue
+            path = Path(folder) / name
+            if name in dirnames:
+                dirnames.remove(name)  # never descend into staging
+            try:
+                stat = path.lstat()
+                if stat.st_mtime >= before_ts:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass  # the API published or removed it meanwhile
+            except OSError as exc:
+                logger.warning("cleanup: cannot remove %s: %s", path, exc)
+    return removed
+
+
+def delete_old_deliveries(session: Session, before: datetime) -> int:
+    """Delete webhook rows delivered before `before`, and given-up ones created before it."""
+    gave_up = and_(
+        WebhookDelivery.delivered_at.is_(None),
+        WebhookDelivery.next_attempt_at.is_(None),
+        WebhookDelivery.created_at < before,
+    )
+    result = session.execute(
+        delete(WebhookDelivery)
+        .where(or_(WebhookDelivery.delivered_at < before, gave_up))
+        .execution_options(synchronize_session=False)
+    )
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+def _in_session(
+    sessions: sessionmaker[Session], step: Callable[[Session, datetime], int], before: datetime
+) -> int:
+    with session_scope(sessions) as session:
+        return step(session, before)
