@@ -10,10 +10,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+# Request-scoped database sessions open at once per API process (service.api.deps); the
+# connection pool must hold more than this, so single-turn sessions always find one.
+MAX_REQUEST_SESSIONS = 20
 
 QueueName = Literal["preprocess", "finetune", "reenact", "events"]
 
@@ -28,6 +31,15 @@ class Settings(BaseSettings):
         default="sqlite:///artifacts/lpd.db",
         description="SQLAlchemy URL. SQLite (embedded default, relative to the working "
         "directory) or PostgreSQL (`postgresql://` is run with psycopg 3).",
+    )
+    db_pool_size: int = Field(
+        default=10, ge=1, description="Database connections kept open per process."
+    )
+    db_max_overflow: int = Field(
+        default=30,
+        ge=0,
+        description="Extra connections under load. Pool size + overflow must exceed "
+        f"{MAX_REQUEST_SESSIONS} (request sessions open at once in an API process).",
     )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0", description="Celery broker and result backend."
@@ -266,6 +278,15 @@ class Settings(BaseSettings):
         description="How often beat removes expired job results, stale uploads and old "
         "webhook deliveries.",
     )
+
+    @model_validator(mode="after")
+    def _pool_fits_requests(self) -> Settings:
+        if self.db_pool_size + self.db_max_overflow <= MAX_REQUEST_SESSIONS:
+            raise ValueError(
+                f"db_pool_size + db_max_overflow must exceed {MAX_REQUEST_SESSIONS}, or "
+                "requests can wait on each other for connections"
+            )
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -30,14 +30,19 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def create_db_engine(url: str | URL, *, echo: bool = False) -> Engine:
+def create_db_engine(
+    url: str | URL, *, echo: bool = False, pool_size: int = 5, max_overflow: int = 10
+) -> Engine:
     """An engine for `url`; SQLite gets foreign keys on, a busy timeout and WAL for files."""
     parsed = normalize_url(url)
+    pool = {"pool_size": pool_size, "max_overflow": max_overflow}
     if parsed.get_backend_name() != "sqlite":
         connect_args: dict[str, Any] = {}
         if parsed.get_backend_name() == "postgresql":
             connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
-        return create_engine(parsed, echo=echo, pool_pre_ping=True, connect_args=connect_args)
+        return create_engine(
+            parsed, echo=echo, pool_pre_ping=True, connect_args=connect_args, **pool
+        )
 
     memory = parsed.database in (None, "", ":memory:")
     if not memory:
@@ -49,6 +54,7 @@ def create_db_engine(url: str | URL, *, echo: bool = False) -> Engine:
         connect_args={"check_same_thread": False},
         # In-memory: one shared connection, or each connection would see its own empty DB.
         poolclass=StaticPool if memory else None,
+        **({} if memory else pool),
     )
 
     @event.listens_for(engine, "connect")

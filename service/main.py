@@ -97,7 +97,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Clients only: nothing connects until the first request or readiness probe.
-        engine = create_db_engine(settings.database_url)
+        engine = create_db_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+        )
         timeout = settings.readiness_timeout_s
         app.state.engine = engine
         app.state.sessions = create_session_factory(engine)

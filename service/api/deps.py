@@ -6,7 +6,7 @@ Tests replace any of them with `app.dependency_overrides[get_settings] = ...`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.auth import AuthenticationError, Principal, authenticate
-from service.config import Settings
+from service.config import MAX_REQUEST_SESSIONS, Settings
 from service.db import session_scope
 from service.errors import ApiError
 from service.queue import TaskQueue
@@ -37,21 +37,30 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """A session for this request: committed after the endpoint returns, rolled back if it
-    raises."""
+    raises.
+
+    At most MAX_REQUEST_SESSIONS run at once (more wait, without a thread), fewer than the
+    connection pool holds. A sync endpoint's session keeps its connection through a second
+    thread-pool turn (FastAPI validates the response in one); unbounded, 200 concurrent
+    pollers filled the pool with sessions waiting for threads while every thread waited for
+    a connection (30 s pool timeouts). The commit runs on the event loop (async), so the
+    teardown needs no thread either.
+    """
     sessions: sessionmaker[Session] = request.app.state.sessions
     with session_scope(sessions) as session:
         yield session
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[
+    Session, Depends(get_session, scope="function", max_concurrency=MAX_REQUEST_SESSIONS)
+]
 
 
 def get_principal(
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> Principal:
@@ -60,8 +69,11 @@ def get_principal(
     Also counts the request against the key's rate limit (429 `rate_limited`): done here, so
     that no authenticated route can forget it.
     """
+    sessions: sessionmaker[Session] = request.app.state.sessions
     try:
-        principal = authenticate(session, request.headers.get("Authorization"))
+        # A session of its own, closed here: no connection is held until the endpoint runs.
+        with session_scope(sessions) as session:
+            principal = authenticate(session, request.headers.get("Authorization"))
     except AuthenticationError as exc:
         raise ApiError(
             401, "unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"}
