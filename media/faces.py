@@ -7,6 +7,7 @@ chin), so crops made with the same x1.8 factor frame the head slightly closer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -87,3 +88,10 @@ class FaceDetector:
 
     def close(self) -> None:
         self._graph.close()
+
+
+@lru_cache(maxsize=1)
+def shared_detector() -> FaceDetector:
+    """The process's detector with the default config (the official crop, the largest face):
+    the mediapipe graph is built once, on first use, and shared by the process's threads."""
+    return FaceDetector()

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Width x height of one photo; guards decompression bombs.",
     )
+    photo_face_check: bool = Field(
+        default=True,
+        description="Detect faces at upload: a photo without exactly one person is refused "
+        "at once (422 `no_face`/`multiple_faces`) instead of failing the job later.",
+    )
     max_video_bytes: int = Field(default=500 * MiB, gt=0, description="Size of a driving video.")
     max_video_duration_s: float = Field(
         default=300.0, gt=0, description="Length of a driving video."

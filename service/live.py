@@ -13,7 +13,6 @@ import io
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Final, Literal, Protocol
 
 import numpy as np
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from media.crop import crop_face, paste_back
 from media.errors import MediaError
-from media.faces import FaceConfig, FaceDetector
+from media.faces import FaceDetector
 from media.geometry import Box
 from media.smoothing import BoxSmoother
 from service.condition import Condition
@@ -186,12 +185,6 @@ class Reply:
 
     face: bool  # a face was detected in this frame
     image: bytes | None  # JPEG; None while no face has been seen on this connection yet
-
-
-@lru_cache(maxsize=1)
-def face_detector() -> FaceDetector:
-    """The process's detector (mediapipe graph, locked per call; built on first use)."""
-    return FaceDetector(FaceConfig(policy="largest"))
 
 
 class LiveSession:

@@ -21,6 +21,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 
+from media.faces import FaceDetector
 from service.errors import ApiError
 
 PHOTO_FIELD: Final = "photos"
@@ -31,6 +32,7 @@ PART_OVERHEAD: Final = 4096  # boundary and part headers
 # decoded format (phones' multi-picture JPEGs decode as MPO through the JPEG opener).
 DECODERS: Final = ["JPEG", "PNG", "WEBP"]
 FORMATS: Final = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+MIN_PERSON_AREA: Final = 0.25  # of the largest face: smaller faces are the background
 
 
 @dataclass(frozen=True)
@@ -252,3 +254,22 @@ def load_photo(path: Path, max_pixels: int) -> np.ndarray:
             raise ValueError(f"{path.name}: {image.size} exceeds {max_pixels} pixels")
         upright = ImageOps.exif_transpose(image)
         return np.asarray(upright.convert("RGB"))
+
+
+def check_one_face(rgb: np.ndarray, index: int, detector: FaceDetector) -> None:
+    """422 `no_face` / `multiple_faces` unless the photo shows exactly one person.
+
+    Faces under a quarter of the largest one's area (people in the background) don't count:
+    the avatar is the photo's subject, and the worker crops its largest face.
+    """
+    faces = detector.detect(rgb)
+    if not faces:
+        raise ApiError(422, "no_face", "no face was found in a photo", {"photo": index})
+    people = [f for f in faces if f.box.area >= MIN_PERSON_AREA * faces[0].box.area]
+    if len(people) > 1:
+        raise ApiError(
+            422,
+            "multiple_faces",
+            f"a photo shows {len(people)} people; send photos of one person",
+            {"photo": index, "faces": len(people)},
+        )

@@ -16,7 +16,7 @@ import numpy as np
 
 from media.crop import crop_face
 from media.errors import MediaError
-from media.faces import FaceConfig, FaceDetector
+from media.faces import shared_detector
 from media.segmentation import ForegroundSegmenter
 from service.config import Settings
 from service.db import session_scope
@@ -38,11 +38,6 @@ logger = logging.getLogger(__name__)
 
 # (N, S, S, 3) uint8 crops -> (identity_dim,) float32
 Embedder = Callable[[np.ndarray], np.ndarray]
-
-
-@lru_cache(maxsize=1)
-def _detector() -> FaceDetector:
-    return FaceDetector(FaceConfig(policy="largest"))
 
 
 @lru_cache(maxsize=1)
@@ -112,7 +107,7 @@ def crop_photos(
         except (OSError, ValueError) as exc:
             raise JobFailure("not_an_image", f"{where} cannot be decoded") from exc
         try:
-            crop = crop_face(rgb, _detector().crop_box(rgb), size)
+            crop = crop_face(rgb, shared_detector().crop_box(rgb), size)
         except MediaError as exc:
             raise JobFailure(exc.code, f"{where}: {exc}") from exc
         except ValueError as exc:  # the crop box lies outside the frame

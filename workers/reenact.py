@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from functools import lru_cache
 from pathlib import Path
 from typing import Final
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from media.crop import composite, crop_face, unpremultiply, warp_to_frame
 from media.errors import MediaError
-from media.faces import FaceConfig, FaceDetector
+from media.faces import shared_detector
 from media.geometry import Box, CropTransform
 from media.smoothing import smooth_boxes
 from media.video import MASK_MP4, MP4_H264, WEBM_VP9_ALPHA, Frame, VideoWriter, read_frames
@@ -41,11 +40,6 @@ logger = logging.getLogger(__name__)
 TRACK_SHARE: Final = 0.3  # of the progress bar: pass 1 (decode + detect)
 FILES: Final = {"mp4": "video.mp4", "webm": "video.webm"}
 MASK_FILE: Final = "mask.mp4"
-
-
-@lru_cache(maxsize=1)
-def _detector() -> FaceDetector:
-    return FaceDetector(FaceConfig(policy="largest"))
 
 
 def job_condition(ctx: WorkerContext, avatar_id: str) -> Condition:
@@ -73,8 +67,8 @@ def track_faces(video: Path, total: int, reporter: Reporter) -> list[Box] | None
     boxes: list[Box | None] = []
     times: list[float] = []
     for frame in _frames(video):
-        faces = _detector().detect(frame.image)
-        boxes.append(faces[0].box.square(_detector().config.box_scale) if faces else None)
+        faces = shared_detector().detect(frame.image)
+        boxes.append(faces[0].box.square(shared_detector().config.box_scale) if faces else None)
         times.append(frame.time)
         if not reporter.update(len(boxes) / max(total, len(boxes)) * TRACK_SHARE, "tracking"):
             return None

@@ -255,14 +255,13 @@ def test_a_photo_becomes_a_fine_tuned_avatar(stack: Stack) -> None:
     assert artifact.is_file() and artifact.stat().st_size > 0
 
 
-def test_a_photo_without_a_face_fails_typed(stack: Stack) -> None:
-    created = stack.create(no_face_photo())
-    job, _ = stack.wait(created["job"]["id"], finished)
-    assert job["status"] == "failed"
-    assert job["error"]["code"] == "no_face" and job["error"]["retryable"] is False
-    assert job["attempts"] == 1  # not retried
-    avatar = stack.client.get(f"/v1/avatars/{created['avatar']['id']}", headers=stack.headers)
-    assert avatar.json()["status"] == "failed"
+def test_a_photo_without_a_face_is_refused_at_upload(stack: Stack) -> None:
+    files = [("photos", ("me.jpg", no_face_photo(), "image/jpeg"))]
+    r = stack.client.post("/v1/avatars", files=files, headers=stack.headers)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "no_face", r.text
+    assert r.json()["error"]["details"] == {"photo": 0}
+    # (With LPD_PHOTO_FACE_CHECK=false the worker fails the job with the same code:
+    # tests/unit/test_worker_stages.py.)
 
 
 def test_cancel_queued_and_running_jobs(stack: Stack) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -60,6 +61,7 @@ def settings(db_url: str, tmp_path: Path) -> Settings:
         max_photo_bytes=300_000,
         max_photo_pixels=1_000_000,
         max_finetune_steps=50,
+        photo_face_check=False,  # most photos here are solid colours; see test_face_check_*
     )
 
 
@@ -419,3 +421,36 @@ def test_openapi_documents_the_upload(client: TestClient) -> None:
     assert {"202", "413", "415", "422", "503"} <= set(post["responses"])
     assert "/v1/jobs/{job_id}/cancel" in spec["paths"]
     assert spec["components"]["schemas"]["JobOut"]["examples"]
+
+
+def two_faces_jpeg() -> bytes:
+    """Two people side by side: the astronaut's face twice, the same size."""
+    face = astronaut()[:300, 80:380]
+    return encode(Image.fromarray(np.concatenate([face, face], axis=1)))
+
+
+@pytest.mark.parametrize(
+    ("blob", "code", "details"),
+    [
+        (tiny_png(), "no_face", {"photo": 1}),
+        (two_faces_jpeg(), "multiple_faces", {"photo": 1, "faces": 2}),
+    ],
+    ids=["no face", "two faces"],
+)
+def test_face_check_refuses_photos_without_exactly_one_person(
+    settings: Settings,
+    queue: RecordingQueue,
+    alice: dict[str, str],
+    blob: bytes,
+    code: str,
+    details: dict[str, int],
+) -> None:
+    app = create_app(settings.model_copy(update={"photo_face_check": True}))
+    app.state.queue = queue
+    with TestClient(app) as client:
+        r = post_avatar(client, alice, files=photos(face_jpeg(), blob))
+        assert (r.status_code, r.json()["error"]["code"]) == (422, code), r.text
+        assert r.json()["error"]["details"] == details
+        assert queue.sent == [] and not stored_files(settings)
+        r = post_avatar(client, alice, files=photos(face_jpeg()))
+        assert r.status_code == 202, r.text  # one person passes

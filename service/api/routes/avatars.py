@@ -22,6 +22,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from media.faces import shared_detector
 from service.api.deps import (
     PrincipalDep,
     QueueDep,
@@ -56,7 +57,13 @@ from service.queue import PREPROCESS_TASK
 from service.quotas import check_avatar_quota, check_job_quota
 from service.schemas import AvatarCreated, AvatarOptions, AvatarOut, JobOut, Page
 from service.storage import ArtifactStore
-from service.uploads import PHOTO_FIELD, inspect_photo, receive_photos
+from service.uploads import (
+    PHOTO_FIELD,
+    check_one_face,
+    inspect_photo,
+    load_photo,
+    receive_photos,
+)
 from service.webhooks import require_callback_url
 
 logger = logging.getLogger(__name__)
@@ -133,10 +140,14 @@ def _options(fields: dict[str, str], settings: Settings) -> AvatarOptions:
     return options
 
 
-def _store_photos(staging: Path, photos_dir: Path, photos: list[Path], max_pixels: int) -> None:
-    """Decode every staged photo, name it by index and decoded format, publish the folder."""
+def _store_photos(staging: Path, photos_dir: Path, photos: list[Path], settings: Settings) -> None:
+    """Decode every staged photo (and, if enabled, check it shows one face), name it by index
+    and decoded format, publish the folder."""
     for index, path in enumerate(photos):
-        info = inspect_photo(path, index, max_pixels)
+        info = inspect_photo(path, index, settings.max_photo_pixels)
+        if settings.photo_face_check:
+            rgb = load_photo(path, settings.max_photo_pixels)
+            check_one_face(rgb, index, shared_detector())
         path.rename(path.with_suffix(f".{info.extension}"))
     staging.rename(photos_dir)
 
@@ -297,9 +308,7 @@ async def create_avatar(
                 return outcome.response(_location(outcome.body))
             claim = outcome
         photos_dir = store.photos_dir(tenant_id, avatar_id)
-        await run_in_threadpool(
-            _store_photos, staging, photos_dir, form.photos, settings.max_photo_pixels
-        )
+        await run_in_threadpool(_store_photos, staging, photos_dir, form.photos, settings)
         avatar, job = await run_in_threadpool(
             _create, sessions, principal, avatar_id, options, len(form.photos), settings
         )

@@ -46,6 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from media.faces import shared_detector
 from service.api.deps import InferenceDep
 from service.api.routes.avatars import get_avatar_or_404
 from service.auth import AuthenticationError, authenticate
@@ -70,7 +71,6 @@ from service.live import (
     StreamOptions,
     StreamRefused,
     apply_config,
-    face_detector,
 )
 from service.models import AvatarStatus
 from service.storage import ArtifactStore
@@ -280,7 +280,7 @@ async def _serve(
             raise _inference_failure(exc) from None
         session = LiveSession(
             backend,
-            await run_in_threadpool(face_detector),
+            await run_in_threadpool(shared_detector),
             condition,
             size,
             jpeg_quality=settings.stream_jpeg_quality,
