@@ -14,9 +14,9 @@ leaves no half-written result; a retried job renders from the start.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 
@@ -31,11 +31,25 @@ from service.db import session_scope
 from service.jobs import transition
 from service.models import Avatar, JobStatus
 from service.schemas import ReenactOptions
-from service.triton import TritonBackend, TritonConfig
+from service.triton import Rendered, TritonBackend, TritonConfig
 from service.uploads import load_photo
 from workers.runtime import Claimed, JobFailure, Reporter, WorkerContext, claim
 
 logger = logging.getLogger(__name__)
+
+# fraction of the job done, stage -> False to stop (the job was canceled)
+Progress = Callable[[float, str], bool]
+
+
+class FrameRenderer(Protocol):
+    """What rendering needs: Triton's adapter, or PyTorch in-process (cli.offline)."""
+
+    def image_size(self) -> int: ...
+
+    def reenact(
+        self, frames: np.ndarray, identity: np.ndarray | None = None, avatar_id: str | None = None
+    ) -> Rendered: ...
+
 
 TRACK_SHARE: Final = 0.3  # of the progress bar: pass 1 (decode + detect)
 FILES: Final = {"mp4": "video.mp4", "webm": "video.webm"}
@@ -62,15 +76,15 @@ def _frames(video: Path) -> Iterator[Frame]:
         raise JobFailure("truncated_video", f"the driver video cannot be decoded: {exc}") from exc
 
 
-def track_faces(video: Path, total: int, reporter: Reporter) -> list[Box] | None:
-    """One smoothed crop box per driver frame; None if the job was canceled."""
+def track_faces(video: Path, total: int, report: Progress) -> list[Box] | None:
+    """One smoothed crop box per driver frame; None if `report` says stop (canceled)."""
     boxes: list[Box | None] = []
     times: list[float] = []
     for frame in _frames(video):
         faces = shared_detector().detect(frame.image)
         boxes.append(faces[0].box.square(shared_detector().config.box_scale) if faces else None)
         times.append(frame.time)
-        if not reporter.update(len(boxes) / max(total, len(boxes)) * TRACK_SHARE, "tracking"):
+        if not report(len(boxes) / max(total, len(boxes)) * TRACK_SHARE, "tracking"):
             return None
     if not any(boxes):
         raise JobFailure("no_face", "no face was found in the driver video")
@@ -179,14 +193,14 @@ def _crops(
 
 
 def render(
-    backend: TritonBackend,
+    backend: FrameRenderer,
     condition: Condition,
     video: Path,
     boxes: list[Box],
     outputs: Outputs,
     compositor: Compositor,
     batch: int,
-    reporter: Reporter,
+    report: Progress,
 ) -> int | None:
     """Pass 2: the number of frames written, or None if the job was canceled."""
     size = backend.image_size()
@@ -198,7 +212,7 @@ def render(
             outputs.write(*compositor.frame(frame, rgb[i], out.mask[i, 0], chosen[i], size))
         written += len(frames)
         share = TRACK_SHARE + (1 - TRACK_SHARE) * written / len(boxes)
-        if not reporter.update(share, "rendering"):
+        if not report(share, "rendering"):
             return None
     return written
 
@@ -230,7 +244,7 @@ def reenact_job(ctx: WorkerContext, job_id: str, backend: TritonBackend | None =
     reporter.update(0.0, "tracking", force=True)
     condition = job_condition(ctx, claimed.avatar_id)
 
-    boxes = track_faces(video, int(driver["frames"]), reporter)
+    boxes = track_faces(video, int(driver["frames"]), reporter.update)
     if boxes is None:
         return
     own_backend = backend is None
@@ -261,7 +275,7 @@ def reenact_job(ctx: WorkerContext, job_id: str, backend: TritonBackend | None =
                 outputs,
                 compositor,
                 settings.reenact_batch,
-                reporter,
+                reporter.update,
             )
         except BaseException:
             outputs.abort()

@@ -8,21 +8,18 @@ held by a request waiting for a thread, and requests failed after the 30 s pool 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from benchmarks.api_load import poll_load
-from deploy.triton.serve import free_port
 from service.auth import create_api_key, create_tenant
 from service.config import Settings
 from service.db import session_scope
 from service.main import create_app
 from service.models import Job, JobKind
+from tests.live_server import serve
 
 pytestmark = pytest.mark.integration
 
@@ -39,24 +36,15 @@ def server(db_url: str, tmp_path: Path) -> Iterator[tuple[str, str, str]]:
         db_max_overflow=20,
     )
     app = create_app(settings)
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    with session_scope(app.state.sessions) as session:
-        tenant = create_tenant(session, "acme")
-        key, _ = create_api_key(session, tenant, "load")
-        job = Job(tenant_id=tenant.id, kind=JobKind.PREPROCESS, params={})
-        session.add(job)
-        session.flush()
-        job_id = job.id
-    yield f"http://127.0.0.1:{port}", key, job_id
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with serve(app) as url:
+        with session_scope(app.state.sessions) as session:
+            tenant = create_tenant(session, "acme")
+            key, _ = create_api_key(session, tenant, "load")
+            job = Job(tenant_id=tenant.id, kind=JobKind.PREPROCESS, params={})
+            session.add(job)
+            session.flush()
+            job_id = job.id
+        yield url, key, job_id
 
 
 def test_many_pollers_are_all_answered(server: tuple[str, str, str]) -> None:

@@ -1,0 +1,5 @@
+"""`python -m cli ...` is the `reenact` command."""
+
+from cli.main import main
+
+raise SystemExit(main())
