@@ -7,31 +7,32 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
-import threading
-import time
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.ws_client import measure_stream
+from cli.live import run_stream
 from media.crop import crop_face
 from media.faces import FaceDetector
+from media.video import probe
 from service.auth import create_api_key, create_tenant
 from service.config import Settings
 from service.db import session_scope
 from service.main import create_app
 from service.models import Avatar, AvatarStatus
 from tests.integration.conftest import Triton
+from tests.live_server import serve
 from tests.media_samples import astronaut, panning_frames
 
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SIZE = 64  # the demo checkpoint's crop size
 
@@ -135,19 +136,8 @@ def test_a_moving_face_is_reenacted_frame_by_frame(
 @pytest.fixture
 def server(app: FastAPI) -> Iterator[str]:
     """The app under uvicorn on a free port: ws://host:port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"ws://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serve(app) as url:
+        yield url.replace("http://", "ws://")
 
 
 def test_the_benchmark_client_times_a_stream_over_uvicorn(
@@ -164,3 +154,17 @@ def test_the_benchmark_client_times_a_stream_over_uvicorn(
         assert report["replies"] + report["dropped"] == 10
         assert report["images"] == report["replies"]
         assert 0 < report["rtt_ms"]["p50"] <= report["rtt_ms"]["p99"] < 5_000
+
+
+def test_the_cli_streams_a_video_file(
+    server: str, stream: tuple[str, str, np.ndarray], tmp_path: Path
+) -> None:
+    key, avatar_id, _ = stream
+    out = tmp_path / "live.mp4"
+    driver = ROOT / "samples" / "driver.mp4"
+    url = server.replace("ws://", "http://")
+    summary = run_stream(url, key, avatar_id, str(driver), out, fps=50, max_frames=12)
+    sent, rendered = (int(x) for x in re.findall(r"(\d+) (?:frames|rendered)", summary))
+    assert sent == 12 and rendered >= 10, summary  # frames before the first face: no image
+    info = probe(out)
+    assert (info.num_frames, info.width) == (rendered, 64)
