@@ -29,7 +29,7 @@ MAX_PHOTO_PIXELS = 40_000_000
 
 
 class TorchRenderer:
-    """What workers.reenact.render needs from Triton, done by InferenceModel."""
+    """service.triton.Renderer done by InferenceModel instead of Triton."""
 
     def __init__(self, model: InferenceModel) -> None:
         self.model = model
@@ -86,7 +86,7 @@ def reenact_offline(
             try:
                 written = render(
                     renderer, Condition(identity=identity), driver, boxes, outputs,
-                    Compositor(options, None), 8, report,
+                    Compositor(options, None, frame_size), 8, report,
                 )  # fmt: skip
             except BaseException:
                 outputs.abort()

@@ -2,7 +2,8 @@
 
     python -m deploy.local [--port 8000] [--checkpoint CKPT] [--root artifacts/local]
 
-starts Redis (reuses the one at `--redis-url` when it answers, else runs `redis-server`),
+starts Redis (reuses the one at `--redis-url`/REDIS_URL when it answers, else runs a private
+`redis-server`),
 a SQLite database, the bundled tritonserver serving the checkpoint, one Celery worker on every
 queue with beat inside, and the API (uvicorn); prints the URL and a fresh API key, and stops
 everything it started on Ctrl-C. `LocalStack` is the same as a context manager.
@@ -46,7 +47,9 @@ class LocalStackConfig:
     port: int = 8000
     root: Path = Path("artifacts/local")  # database, artifacts, Triton repository, logs
     checkpoint: Path = DEMO
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # None: a private redis-server (tests, benchmarks: nothing shared with other stacks);
+    # a URL: reuse that Redis if it answers (make run: REDIS_URL), else start one.
+    redis_url: str | None = None
     worker_concurrency: int = 1
     triton_threads: int = 1
     tenant: str = "local"
@@ -78,22 +81,23 @@ class LocalStack:
         self.root = Path(config.root).resolve()
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.triton: TritonServer | None = None
-        self.redis_url = config.redis_url
+        self.redis_url = config.redis_url or ""
         self.api_key = ""
         self.url = f"http://{config.host}:{config.port}"
 
     # --- parts ---------------------------------------------------------------------------
     def _redis(self) -> None:
-        try:
-            redis.Redis.from_url(self.redis_url, socket_connect_timeout=1).ping()
-            logger.info("using Redis at %s", self.redis_url)
-            return
-        except redis.exceptions.RedisError:
-            pass
+        if self.redis_url:
+            try:
+                redis.Redis.from_url(self.redis_url, socket_connect_timeout=1).ping()
+                logger.info("using Redis at %s", self.redis_url)
+                return
+            except redis.exceptions.RedisError:
+                pass
         binary = shutil.which("redis-server")
         if binary is None:
             raise StackError(
-                f"no Redis at {self.redis_url} and no `redis-server` on PATH "
+                f"no Redis at {self.redis_url or '(none given)'} and no `redis-server` on PATH "
                 "(apt install redis-server, or pass --redis-url)"
             )
         port = free_port()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -129,7 +129,8 @@ def check_video(path: str | os.PathLike[str]) -> VideoInfo:
             raise TruncatedMediaError(
                 f"{name}: stream ends at {end:.2f}s, header says {expected:.2f}s"
             )
-    return info
+    # The header's duration is the uploader's claim; limits apply to what the packets span.
+    return replace(info, duration=max(info.duration or 0.0, end))
 
 
 def read_frames(

@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from service.models import Avatar
-from service.storage import ArtifactStore, publish_served_avatar, served_avatar_key
+from service.storage import (
+    ArtifactStore,
+    publish_served_avatar,
+    served_avatar_key,
+    served_path,
+)
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,10 @@ def avatar_condition(avatar: Avatar, store: ArtifactStore, served_dir: Path) -> 
     None while the avatar has no identity yet."""
     if avatar.artifact_path is not None:
         key = served_avatar_key(avatar.artifact_path)
-        publish_served_avatar(store.resolve(avatar.artifact_path), served_dir, key)
+        source = store.resolve(avatar.artifact_path)
+        if not served_path(served_dir, key).is_file():
+            store.pull(source)  # fine-tuned on another host: the bucket has the weights
+        publish_served_avatar(source, served_dir, key)
         return Condition(avatar_id=key)
     if avatar.identity_embedding is None:
         return None

@@ -78,6 +78,30 @@ class Settings(BaseSettings):
         default=7 * 24 * 3600, gt=0, description="How long finished jobs' result files are kept."
     )
 
+    # --- storage: an S3-compatible bucket (optional) -------------------------------------
+    storage: Literal["local", "s3"] = Field(
+        default="local",
+        description="Where artifacts live: `local` (artifacts_dir is the store: a shared volume "
+        "when the API and workers run on different hosts) or `s3` (the bucket is; artifacts_dir "
+        "is each host's working copy). S3 credentials come from the standard AWS chain.",
+    )
+    s3_bucket: str = Field(default="", description="The bucket, with storage=s3.")
+    s3_prefix: str = Field(default="lpd/", description="Key prefix of every object.")
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="None: AWS. Set for MinIO, Ceph, R2... (addressed path-style).",
+    )
+    s3_region: str | None = Field(
+        default=None, description="The bucket's region; None: the AWS config chain's."
+    )
+    s3_presign_ttl_s: int = Field(
+        default=3600,
+        gt=0,
+        le=7 * 24 * 3600,  # SigV4's limit
+        description="Lifetime of the presigned URL a download redirects to; a player seeks "
+        "with Range requests on it, so it must outlast watching the video.",
+    )
+
     # --- upload limits (rejected with 4xx before any work is queued) ----------------------
     max_photos: int = Field(
         default=32, ge=1, description="Photos per avatar (the paper uses 1-32)."
@@ -277,6 +301,12 @@ class Settings(BaseSettings):
         description="How often beat (re)sends due webhook deliveries: those recorded by the "
         "API, and any whose publish or worker was lost.",
     )
+    job_stalled_after_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job queued this long without a worker taking it (its message was lost, "
+        "e.g. Redis restarted without persistence) is published again; checked every minute.",
+    )
     cleanup_interval_s: float = Field(
         default=3600.0,
         gt=0,
@@ -291,6 +321,12 @@ class Settings(BaseSettings):
                 f"db_pool_size + db_max_overflow must exceed {MAX_REQUEST_SESSIONS}, or "
                 "requests can wait on each other for connections"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _bucket_named(self) -> Settings:
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("storage=s3 needs s3_bucket")
         return self
 
 

@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.blobs import StorageUnavailable
 from service.triton import TritonError
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,12 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     return await _api_error(request, err)
 
 
+async def _storage_down(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("storage unavailable: %s", exc)
+    err = unavailable("storage_unavailable", "the file store is unavailable", _retry_after(request))
+    return await _api_error(request, err)
+
+
 async def _triton_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TritonError)
     if exc.retryable:
@@ -189,4 +196,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     app.add_exception_handler(TritonError, _triton_error)
+    app.add_exception_handler(StorageUnavailable, _storage_down)
     app.add_exception_handler(Exception, _unexpected)

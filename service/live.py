@@ -13,7 +13,7 @@ import io
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, replace
-from typing import Final, Literal, Protocol
+from typing import Final, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,7 +26,7 @@ from media.faces import FaceDetector
 from media.geometry import Box
 from media.smoothing import BoxSmoother
 from service.condition import Condition
-from service.triton import Rendered
+from service.triton import Renderer
 
 # --- close codes (4xxx mirror the HTTP statuses; 1011 and 1013 are RFC 6455's) ---------------
 
@@ -60,17 +60,8 @@ class FrameError(Exception):
         self.message = message
 
 
-class StreamBackend(Protocol):
-    """What a stream needs from inference (`service.triton.TritonBackend`; fakes in tests)."""
-
-    def image_size(self) -> int: ...
-
-    def reenact(
-        self,
-        frames: np.ndarray,
-        identity: np.ndarray | None = None,
-        avatar_id: str | None = None,
-    ) -> Rendered: ...
+# What a stream needs from inference: service.triton.TritonBackend (fakes in tests).
+StreamBackend = Renderer
 
 
 # --- client messages -------------------------------------------------------------------------

@@ -1,16 +1,20 @@
 """The FastAPI application: `create_app()` wires settings, the database, Redis, the task
-queue, the artifact store, the Triton readiness probe, error handlers, request metrics and
-routers. Run with
+queue, the artifact store, the Triton readiness probe, error handlers, request metrics,
+routers and the demo page (`/`, from service/static). Run with
 `uvicorn --factory service.main:create_app`."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -34,7 +38,10 @@ from service.storage import ArtifactStore
 from service.triton import TritonBackend, TritonConfig
 
 API_VERSION = "1.0.0"
+TEARDOWN_THREADS = 8
 UNMATCHED_ROUTE = "<unmatched>"  # one label for every unknown path, so scans can't add series
+STATIC_DIR = Path(__file__).resolve().parent / "static"  # the demo page (no build step)
+STATIC_PATH = "/static"
 
 
 class HttpMetrics:
@@ -60,11 +67,17 @@ class HttpMetrics:
 
 
 class MetricsMiddleware:
-    """Counts and times HTTP requests by route template (`/v1/jobs/{job_id}`), not raw path."""
+    """Counts and times HTTP requests by route template (`/v1/jobs/{job_id}`), not raw path;
+    requests under a mounted app (`mounts`, e.g. `/static`) by the mount's path."""
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics, mounts: Sequence[str] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.mounts = tuple(mounts)
+
+    def _mount(self, path: str) -> str | None:
+        # FastAPI's router sets scope["route"] for its routes only, not for a Mount.
+        return next((m for m in self.mounts if path.startswith(f"{m}/")), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,7 +97,7 @@ class MetricsMiddleware:
         finally:
             # The router stores the matched route in the (shared) scope.
             route: Any = scope.get("route")
-            template = getattr(route, "path", None) or UNMATCHED_ROUTE
+            template = getattr(route, "path", None) or self._mount(scope["path"]) or UNMATCHED_ROUTE
             method = scope["method"]
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
@@ -105,27 +118,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         timeout = settings.readiness_timeout_s
         app.state.engine = engine
         app.state.sessions = create_session_factory(engine)
+        # Request sessions commit in threads of their own (service.api.deps.get_session).
+        app.state.teardown_limiter = anyio.CapacityLimiter(TEARDOWN_THREADS)
         app.state.redis = Redis.from_url(
             settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout
         )
         app.state.rate_limiter = RateLimiter(app.state.redis)
         app.state.triton_probe = TritonBackend(
-            TritonConfig(
-                url=settings.triton_url,
-                protocol=settings.triton_protocol,
-                timeout_s=timeout,
-                retries=0,
-            )
+            TritonConfig.from_settings(settings, timeout_s=timeout, retries=0)
         )
         # Live inference (the stream): the per-attempt deadline of jobs, one quick retry.
-        app.state.inference = TritonBackend(
-            TritonConfig(
-                url=settings.triton_url,
-                protocol=settings.triton_protocol,
-                timeout_s=settings.triton_timeout_s,
-                retries=1,
-            )
-        )
+        app.state.inference = TritonBackend(TritonConfig.from_settings(settings, retries=1))
         try:
             yield
         finally:
@@ -144,14 +147,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.store = ArtifactStore(settings.artifacts_dir)
+    app.state.store = ArtifactStore.from_settings(settings)
     app.state.signer = UrlSigner.from_settings(settings)
     # Publishes tasks by name; connects on first use. Tests may swap in a recorder.
     app.state.queue = CeleryQueue(create_celery(settings))
     app.state.metrics = HttpMetrics()
     app.state.live = LiveStreams(app.state.metrics.registry, settings.max_streams_per_tenant)
     app.add_middleware(RateLimitHeaders)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, mounts=(STATIC_PATH,))
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(avatars.router)
@@ -159,4 +162,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(reenactments.router)
     app.include_router(files.router)
     app.include_router(stream.router)
+    # The demo page: `/` and `/static/*` are routes too, so metrics label them by template.
+    app.mount(STATIC_PATH, StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
     return app

@@ -29,12 +29,14 @@ REENACT_TASK: Final = "reenactments.render"
 WEBHOOK_TASK: Final = "webhooks.deliver"
 WEBHOOK_SWEEP_TASK: Final = "webhooks.sweep"
 CLEANUP_TASK: Final = "maintenance.cleanup"
+REQUEUE_TASK: Final = "maintenance.requeue_stalled"
 TASK_ROUTES: Final[dict[str, dict[str, str]]] = {
     PREPROCESS_TASK: {"queue": PREPROCESS_QUEUE},
     FINETUNE_TASK: {"queue": FINETUNE_QUEUE},
     WEBHOOK_TASK: {"queue": EVENTS_QUEUE},
     WEBHOOK_SWEEP_TASK: {"queue": EVENTS_QUEUE},
     CLEANUP_TASK: {"queue": EVENTS_QUEUE},
+    REQUEUE_TASK: {"queue": EVENTS_QUEUE},
     REENACT_TASK: {"queue": REENACT_QUEUE},
 }
 

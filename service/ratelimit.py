@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import Final
 
-from fastapi import Request
 from redis import Redis
 from redis.exceptions import RedisError
 from starlette.datastructures import MutableHeaders
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import Principal
@@ -110,10 +110,11 @@ class RateLimiter:
         return first
 
 
-def enforce_rate_limit(request: Request, principal: Principal, settings: Settings) -> None:
+def enforce_rate_limit(request: HTTPConnection, principal: Principal, settings: Settings) -> None:
     """Count the request against the caller's key: 429 `rate_limited` over the limit.
 
-    Called by `get_principal`, so every authenticated route is limited. If Redis is
+    Called by `get_principal`, so every authenticated route is limited (and by the live
+    stream's handshake, which authenticates itself: a WebSocket is an HTTPConnection). If Redis is
     unreachable the request goes through (`rate_limit_fail_open`, logged) or is 503.
     """
     limiter: RateLimiter = request.app.state.rate_limiter

@@ -47,7 +47,8 @@ class UrlSigner:
     def verify(self, job_id: str, name: str, expires: int, signature: str) -> None:
         """Raise InvalidSignature unless the link is genuine and not expired."""
         expected = self._digest(job_id, name, expires)
-        if not hmac.compare_digest(expected, signature):
+        # As bytes: compare_digest raises on non-ASCII str, and a forged link is not a 500.
+        if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
             raise InvalidSignature("the link's signature is not valid")
         if expires < self.clock():
             raise InvalidSignature("the link has expired")

@@ -5,6 +5,10 @@
 Paths are built only from ids this service generated (checked to be UUIDs), never from
 client filenames; files are written to a temporary name and renamed, so a reader never sees
 half a file. The database stores paths relative to the root, so the root can move.
+
+With `storage=s3` a bucket (service.blobs) is the store and the root each host's working
+copy: callers `pull` inputs before a stage and `push` outputs before its job's state says
+they exist.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+
+from service.blobs import BlobStore, LocalBlobs, open_blobs
+from service.config import Settings
 
 PHOTOS = "photos"
 CROPS = "crops.npz"
@@ -37,10 +44,16 @@ def _checked_id(value: str) -> str:
 
 
 class ArtifactStore:
-    """Files of avatars and jobs under one root directory."""
+    """Files of avatars and jobs under one root directory, optionally backed by a bucket."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, blobs: BlobStore | None = None) -> None:
         self.root = Path(root)
+        self.blobs: BlobStore = blobs if blobs is not None else LocalBlobs()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ArtifactStore:
+        """`artifacts_dir`, backed by the bucket when `storage=s3`."""
+        return cls(settings.artifacts_dir, open_blobs(settings, settings.artifacts_dir))
 
     # --- layout --------------------------------------------------------------------------
     def avatar_dir(self, tenant_id: str, avatar_id: str) -> Path:
@@ -72,9 +85,11 @@ class ArtifactStore:
         return self.job_dir(tenant_id, job_id) / INPUT
 
     def photos(self, tenant_id: str, avatar_id: str) -> list[Path]:
-        """The stored photos in upload order."""
+        """The stored photos in upload order (dot-names are temporary files)."""
         folder = self.photos_dir(tenant_id, avatar_id)
-        return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
     # --- paths in the database -----------------------------------------------------------
     def relative(self, path: Path) -> str:
@@ -116,6 +131,38 @@ class ArtifactStore:
         """Remove a job's upload and results (idempotent)."""
         shutil.rmtree(self.job_dir(tenant_id, job_id), ignore_errors=True)
 
+    # --- the bucket (no-ops with the local store) ----------------------------------------
+    # delete_avatar/delete_job above touch this host's copy only: the API calls them on its
+    # event loop, where a bucket request must not run; `drop_dir` is the bucket's side.
+    def push(self, *paths: Path) -> None:
+        """Upload files, and every file under folders except dot-names (temporary)."""
+        for path in paths:
+            files = sorted(path.rglob("*")) if path.is_dir() else [path]
+            for file in files:
+                if file.is_file() and not file.name.startswith("."):
+                    self.blobs.push(self.relative(file))
+
+    def pull(self, path: Path) -> bool:
+        """Whether the file is here, after downloading it if only the bucket has it."""
+        return path.is_file() or self.blobs.pull(self.relative(path))
+
+    def pull_dir(self, folder: Path) -> None:
+        """Download the files under `folder` that only the bucket has."""
+        self.blobs.pull_dir(self.relative(folder))
+
+    def drop(self, *files: Path) -> None:
+        """Delete the bucket's copies of files (idempotent)."""
+        for file in files:
+            self.blobs.delete(self.relative(file))
+
+    def drop_dir(self, folder: Path) -> None:
+        """Delete the bucket's copy of everything under `folder` (idempotent)."""
+        self.blobs.delete_prefix(self.relative(folder))
+
+    def download_url(self, path: Path, filename: str, content_type: str) -> str | None:
+        """A presigned URL of the bucket's copy; None with the local store (serve the file)."""
+        return self.blobs.presigned_get(self.relative(path), filename, content_type)
+
 
 # --- fine-tuned avatars for the inference server ---------------------------------------------
 SERVED_SUFFIX = ".safetensors"
@@ -127,10 +174,15 @@ def served_avatar_key(artifact_path: str) -> str:
     return _checked_id(Path(artifact_path).stem)
 
 
+def served_path(served_dir: Path, key: str) -> Path:
+    """Where Triton finds the avatar it knows as `key`."""
+    return Path(served_dir) / f"{_checked_id(key)}{SERVED_SUFFIX}"
+
+
 def publish_served_avatar(source: Path, served_dir: Path, key: str) -> Path:
     """Make `<served_dir>/<key>.safetensors` (Triton's `--avatar-dir`) hold `source`: a hard
     link when both share a filesystem, else a copy; atomic, and a no-op when present."""
-    target = Path(served_dir) / f"{_checked_id(key)}{SERVED_SUFFIX}"
+    target = served_path(served_dir, key)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -147,4 +199,4 @@ def publish_served_avatar(source: Path, served_dir: Path, key: str) -> Path:
 
 
 def unpublish_served_avatar(served_dir: Path, key: str) -> None:
-    (Path(served_dir) / f"{_checked_id(key)}{SERVED_SUFFIX}").unlink(missing_ok=True)
+    served_path(served_dir, key).unlink(missing_ok=True)

@@ -15,9 +15,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:  # the adapter itself depends on no service module
+    from service.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +217,16 @@ class TritonConfig:
         if self.retries < 0 or self.max_batch < 1 or self.concurrency < 1:
             raise ValueError("retries must be >= 0, max_batch and concurrency >= 1")
 
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> TritonConfig:
+        """The server of the service's settings (`LPD_TRITON_*`), with `overrides`."""
+        values: dict[str, Any] = {
+            "url": settings.triton_url,
+            "protocol": settings.triton_protocol,
+            "timeout_s": settings.triton_timeout_s,
+        }
+        return cls(**{**values, **overrides})
+
 
 def _host_port(url: str) -> str:
     for scheme in ("http://", "grpc://"):
@@ -259,8 +272,22 @@ class ModelContract:
     checked: frozenset[str] = frozenset()  # models whose metadata was checked
 
 
-class InferenceBackend(Protocol):
-    """What the service and workers need from an inference backend (Triton, a fake, torch)."""
+class Renderer(Protocol):
+    """Driving frames in, the avatar out: what a video job and a live stream need (Triton's
+    adapter; PyTorch in cli.offline; fakes in unit tests)."""
+
+    def image_size(self) -> int: ...
+
+    def reenact(
+        self,
+        frames: np.ndarray,
+        identity: np.ndarray | None = None,
+        avatar_id: str | None = None,
+    ) -> Rendered: ...
+
+
+class InferenceBackend(Renderer, Protocol):
+    """Everything the service and workers need from an inference backend."""
 
     def embed_identity(self, images: np.ndarray) -> np.ndarray: ...
 
@@ -269,13 +296,6 @@ class InferenceBackend(Protocol):
     def render(
         self,
         poses: np.ndarray,
-        identity: np.ndarray | None = None,
-        avatar_id: str | None = None,
-    ) -> Rendered: ...
-
-    def reenact(
-        self,
-        frames: np.ndarray,
         identity: np.ndarray | None = None,
         avatar_id: str | None = None,
     ) -> Rendered: ...

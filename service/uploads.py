@@ -1,6 +1,6 @@
 """Uploads: a multipart body streamed straight to disk under size and count limits, and
 photos validated by decoding them (Pillow), never by their name or declared type (videos are
-validated by decoding them with PyAV, in service.driver_video).
+checked by demuxing them with PyAV: media.video.check_video, from the reenactments route).
 
 Starlette's form parser spools whole files before the endpoint runs and has no per-file
 limit; parsing here stops reading at the first photo over the limit.
@@ -33,6 +33,7 @@ PART_OVERHEAD: Final = 4096  # boundary and part headers
 DECODERS: Final = ["JPEG", "PNG", "WEBP"]
 FORMATS: Final = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 MIN_PERSON_AREA: Final = 0.25  # of the largest face: smaller faces are the background
+FACE_CHECK_SIDE: Final = 1280  # px: enough to find a photo's subject, cheap to decode
 
 
 @dataclass(frozen=True)
@@ -247,13 +248,18 @@ def inspect_photo(path: Path, index: int, max_pixels: int) -> PhotoInfo:
         ) from None
 
 
-def load_photo(path: Path, max_pixels: int) -> np.ndarray:
-    """A stored photo as (H, W, 3) uint8 RGB, upright per its EXIF orientation."""
+def load_photo(path: Path, max_pixels: int, max_side: int | None = None) -> np.ndarray:
+    """A stored photo as (H, W, 3) uint8 RGB, upright per its EXIF orientation; with
+    `max_side`, at most that many pixels a side (JPEGs decode straight at a reduced scale)."""
     with Image.open(path, formats=DECODERS) as image:
         if image.size[0] * image.size[1] > max_pixels:
             raise ValueError(f"{path.name}: {image.size} exceeds {max_pixels} pixels")
-        upright = ImageOps.exif_transpose(image)
-        return np.asarray(upright.convert("RGB"))
+        if max_side is not None:
+            image.draft("RGB", (max_side, max_side))  # a no-op for PNG and WebP
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+        if max_side is not None:
+            upright.thumbnail((max_side, max_side))
+        return np.asarray(upright)
 
 
 def check_one_face(rgb: np.ndarray, index: int, detector: FaceDetector) -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 import socket
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 from urllib.parse import urlsplit
@@ -52,8 +53,22 @@ class InvalidCallbackUrl(ValueError):
         self.retryable = retryable
 
 
-def validate_callback_url(url: str, settings: Settings) -> str:
-    """`url` if the service may POST events to it, else raise `InvalidCallbackUrl`.
+@dataclass(frozen=True)
+class Target:
+    """Where to POST: the URL's parts, and the one address its host was vetted at. Sending
+    connects to that address, so a DNS answer that changes between the check and the send
+    (rebinding) cannot redirect the request into a private network."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str  # with the query string
+    address: str
+
+
+def validate_callback_url(url: str, settings: Settings) -> Target:
+    """The target of `url` if the service may POST events to it, else raise
+    `InvalidCallbackUrl`.
 
     http(s) only, at most 2048 characters, no credentials; unless
     `webhook_allow_private_hosts`, every address the host resolves to must be public, so
@@ -77,34 +92,42 @@ def validate_callback_url(url: str, settings: Settings) -> str:
     host = parts.hostname
     if not host:
         raise InvalidCallbackUrl("the callback URL has no host")
+    port = port or (443 if parts.scheme == "https" else 80)
+    addresses = _resolve(host, port)
     if not settings.webhook_allow_private_hosts:
-        _check_public(host, port or (443 if parts.scheme == "https" else 80))
-    return url
+        for address in addresses:
+            if not address.is_global or address.is_multicast:
+                raise InvalidCallbackUrl(
+                    f"the callback host {host!r} is not a public address ({address})"
+                )
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(parts.scheme, host, port, path, str(addresses[0]))
 
 
-def require_callback_url(url: str, settings: Settings) -> str:
+def require_callback_url(url: str, settings: Settings) -> None:
     """`validate_callback_url` for a route: 422 `invalid_callback_url` (resolves the host)."""
     try:
-        return validate_callback_url(url, settings)
+        validate_callback_url(url, settings)
     except InvalidCallbackUrl as exc:
         raise ApiError(422, "invalid_callback_url", str(exc), {"callback_url": url}) from None
 
 
-def _check_public(host: str, port: int) -> None:
+def _resolve(host: str, port: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         raise InvalidCallbackUrl(
             f"the callback host {host!r} does not resolve", retryable=True
         ) from None
+    addresses = []
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
-        if not address.is_global or address.is_multicast:
-            raise InvalidCallbackUrl(
-                f"the callback host {host!r} is not a public address ({address})"
-            )
+        addresses.append(address)
+    if not addresses:
+        raise InvalidCallbackUrl(f"the callback host {host!r} has no address", retryable=True)
+    return addresses
 
 
 # --- signatures ------------------------------------------------------------------------------
@@ -164,7 +187,9 @@ def verify_signature(
     if abs(current - timestamp) > tolerance_s:
         return False
     expected = _digest(secret, timestamp, raw)
-    return any(hmac.compare_digest(expected, c) for c in candidates)
+    # As bytes: compare_digest raises on non-ASCII str; a forged header must just fail.
+    wanted = expected.encode()
+    return any(hmac.compare_digest(wanted, c.encode("utf-8", "replace")) for c in candidates)
 
 
 # --- events and the outbox -------------------------------------------------------------------

@@ -26,7 +26,9 @@ from service.queue import (
     FINETUNE_TASK,
     PREPROCESS_TASK,
     REENACT_TASK,
+    REQUEUE_TASK,
     WEBHOOK_SWEEP_TASK,
+    WEBHOOK_TASK,
     create_celery,
 )
 
@@ -36,12 +38,16 @@ def _limits(hard_s: int) -> dict[str, Any]:
     return {"time_limit": hard_s, "soft_time_limit": max(1, hard_s - max(10, hard_s // 20))}
 
 
+REQUEUE_INTERVAL_S = 60.0  # how often stalled queued jobs are looked for
+
+
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Beat's periodic tasks; a run not started within one interval expires (the next one
     does the same work), so a backlog never piles up behind a missing events worker."""
     every = {
         WEBHOOK_SWEEP_TASK: settings.webhook_sweep_interval_s,
         CLEANUP_TASK: settings.cleanup_interval_s,
+        REQUEUE_TASK: REQUEUE_INTERVAL_S,
     }
     return {
         name: {"task": name, "schedule": interval, "options": {"expires": interval}}
@@ -68,6 +74,9 @@ def create_worker_app(settings: Settings) -> Celery:
             PREPROCESS_TASK: _limits(settings.preprocess_time_limit_s),
             FINETUNE_TASK: _limits(settings.finetune_time_limit_s),
             REENACT_TASK: _limits(settings.reenact_time_limit_s),
+            # A receiver that trickles bytes never trips the per-read socket timeout; this
+            # bounds the whole attempt (the row's claim then lapses and the sweep resends).
+            WEBHOOK_TASK: _limits(int(3 * settings.webhook_timeout_s) + 30),
         },
         beat_schedule=beat_schedule(settings),
     )

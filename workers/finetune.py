@@ -16,6 +16,7 @@ import numpy as np
 from service.db import session_scope
 from service.jobs import transition
 from service.models import Avatar, AvatarStatus, JobStatus
+from service.storage import ArtifactStore
 from workers.runtime import (
     PREPROCESS_SHARE,
     JobFailure,
@@ -28,10 +29,11 @@ from workers.runtime import (
 logger = logging.getLogger(__name__)
 
 
-def _remove(out: Path) -> None:
+def _remove(store: ArtifactStore, out: Path) -> None:
     shutil.rmtree(out.with_name(out.stem + ".work"), ignore_errors=True)
     out.unlink(missing_ok=True)
     out.with_suffix(".png").unlink(missing_ok=True)
+    store.drop(out, out.with_suffix(".png"))
 
 
 def finetune_job(ctx: WorkerContext, job_id: str) -> None:
@@ -45,6 +47,7 @@ def finetune_job(ctx: WorkerContext, job_id: str) -> None:
         return
     settings, store = ctx.settings, ctx.store
     crops_path = store.crops_path(claimed.tenant_id, claimed.avatar_id)
+    store.pull(crops_path)  # preprocessed on another host; still missing: handled below
     try:
         with np.load(crops_path) as crops:
             images, masks = crops["images"], crops["masks"]
@@ -99,7 +102,7 @@ def finetune_job(ctx: WorkerContext, job_id: str) -> None:
         )
     except FinetuneCancelled:
         logger.info("job %s: fine-tune canceled", job_id)
-        _remove(out)
+        _remove(store, out)
         discard_if_deleted(ctx, claimed)
         return
     except CheckpointError as exc:
@@ -118,6 +121,8 @@ def finetune_job(ctx: WorkerContext, job_id: str) -> None:
         # > 0: this attempt continued from a predecessor's intermediate state.
         "resumed_from_step": (first_step - 1) if first_step else result.steps,
     }
+    # Before the job says they exist: reenactments elsewhere pull the weights, the API the preview.
+    store.push(result.avatar, result.preview)
     with session_scope(ctx.sessions) as session:
         applied = transition(
             session,
@@ -133,7 +138,7 @@ def finetune_job(ctx: WorkerContext, job_id: str) -> None:
             avatar.artifact_path = summary["artifact"]
             avatar.status = AvatarStatus.READY
     if not applied:
-        _remove(out)
+        _remove(store, out)
         discard_if_deleted(ctx, claimed)
         return
     logger.info("job %s: avatar %s fine-tuned (%d steps)", job_id, claimed.avatar_id, result.steps)

@@ -15,13 +15,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, cast
 
-from sqlalchemy import CursorResult, and_, delete, or_, select
+from sqlalchemy import CursorResult, and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import session_scope
 from service.idempotency import purge_idempotency
 from service.jobs import TERMINAL
-from service.models import Job, JobKind, WebhookDelivery, utcnow
+from service.models import Job, JobKind, JobStatus, WebhookDelivery, utcnow
+from service.queue import FINETUNE_TASK, PREPROCESS_TASK, REENACT_TASK
 from service.storage import ArtifactStore
 from workers.runtime import WorkerContext
 
@@ -59,8 +60,9 @@ def cleanup(ctx: WorkerContext, now: datetime | None = None) -> CleanupReport:
 
 
 def expire_results(sessions: sessionmaker[Session], store: ArtifactStore, before: datetime) -> int:
-    """Delete the files of reenactment jobs that finished before `before`, then set their
-    `result["expired"]`; files go first, so a crash in between is redone, never leaked.
+    """Delete the files of reenactment jobs that finished before `before` (here and in the
+    bucket), then set their `result["expired"]`; files go first, so a crash in between is
+    redone, never leaked.
 
     Preprocess and fine-tune jobs are left alone: their results are the avatar's files,
     which live as long as the avatar.
@@ -84,6 +86,7 @@ def expire_results(sessions: sessionmaker[Session], store: ArtifactStore, before
         if not batch:
             return len(done)
         for job_id, tenant_id in batch:
+            store.drop_dir(store.job_dir(tenant_id, job_id))
             store.delete_job(tenant_id, job_id)
         with session_scope(sessions) as session:
             for job_id, _ in batch:
@@ -140,3 +143,42 @@ def _in_session(
 ) -> int:
     with session_scope(sessions) as session:
         return step(session, before)
+
+
+def requeue_stalled(ctx: WorkerContext, now: datetime | None = None) -> list[str]:
+    """Publish again the jobs queued for `job_stalled_after_s` that no worker took: their
+    message was lost (a Redis restart without persistence, a failed hand-off). Tasks are
+    idempotent, so a duplicate is harmless; each job is bumped first (a compare-and-set on
+    `updated_at`), so two beats don't both publish it. Returns the job ids published."""
+    now = now or utcnow()
+    before = now - timedelta(seconds=ctx.settings.job_stalled_after_s)
+    published = []
+    with session_scope(ctx.sessions) as session:
+        stalled = session.execute(
+            select(Job.id, Job.kind, Job.stage)
+            .where(Job.status == JobStatus.QUEUED, Job.updated_at < before)
+            .limit(BATCH)
+        ).all()
+    for job_id, kind, stage in stalled:
+        with session_scope(ctx.sessions) as session:
+            bumped = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.updated_at < before)
+                .values(updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+        if getattr(bumped, "rowcount", 0) != 1:
+            continue
+        ctx.queue.enqueue(_task_of(kind, stage), job_id)
+        published.append(job_id)
+    if published:
+        logger.warning("requeued %d stalled jobs: %s", len(published), published)
+    return published
+
+
+def _task_of(kind: JobKind, stage: str | None) -> str:
+    if kind is JobKind.REENACT:
+        return REENACT_TASK
+    if kind is JobKind.FINETUNE and stage == "finetune_queued":  # preprocess is done
+        return FINETUNE_TASK
+    return PREPROCESS_TASK

@@ -69,12 +69,7 @@ def identity_embedder(settings: Settings) -> Embedder:
     if settings.identity_backend == "triton":
 
         def remote(crops: np.ndarray) -> np.ndarray:
-            config = TritonConfig(
-                url=settings.triton_url,
-                protocol=settings.triton_protocol,
-                timeout_s=settings.triton_timeout_s,
-            )
-            with TritonBackend(config) as backend:
+            with TritonBackend(TritonConfig.from_settings(settings)) as backend:
                 return backend.embed_identity(np.ascontiguousarray(crops.transpose(0, 3, 1, 2)))
 
         return remote
@@ -132,7 +127,7 @@ def preprocess_job(ctx: WorkerContext, job_id: str, embed: Embedder | None = Non
         tenant_id, avatar_id = job.tenant_id, str(job.params["avatar_id"])
     if done:
         # A redelivery after this stage finished: the hand-off may be what failed.
-        if waiting and ctx.store.crops_path(tenant_id, avatar_id).is_file():
+        if waiting and ctx.store.pull(ctx.store.crops_path(tenant_id, avatar_id)):
             ctx.queue.enqueue(FINETUNE_TASK, job_id)
         return
 
@@ -144,6 +139,7 @@ def preprocess_job(ctx: WorkerContext, job_id: str, embed: Embedder | None = Non
     reporter = Reporter(ctx, job_id, end=PREPROCESS_SHARE if finetune else 1.0)
     reporter.update(0.0, "preprocess", force=True)
 
+    store.pull_dir(store.photos_dir(claimed.tenant_id, claimed.avatar_id))  # uploaded elsewhere
     photos = store.photos(claimed.tenant_id, claimed.avatar_id)
     if not photos:
         raise JobFailure("no_photos", "the avatar's photos are gone")
@@ -153,9 +149,9 @@ def preprocess_job(ctx: WorkerContext, job_id: str, embed: Embedder | None = Non
         discard_if_deleted(ctx, claimed)
         return
     images, masks = crops
-    store.write_arrays(
-        store.crops_path(claimed.tenant_id, claimed.avatar_id), images=images, masks=masks
-    )
+    crops_path = store.crops_path(claimed.tenant_id, claimed.avatar_id)
+    store.write_arrays(crops_path, images=images, masks=masks)
+    store.push(crops_path)  # before the fine-tune stage, maybe on another host, is queued
     if not reporter.update(len(photos) / (len(photos) + 1), "embedding", force=True):
         discard_if_deleted(ctx, claimed)
         return

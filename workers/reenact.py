@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final
 
+import cv2
 import numpy as np
+from sqlalchemy import select
 
 from media.crop import composite, crop_face, unpremultiply, warp_to_frame
 from media.errors import MediaError
@@ -31,7 +33,7 @@ from service.db import session_scope
 from service.jobs import transition
 from service.models import Avatar, JobStatus
 from service.schemas import ReenactOptions
-from service.triton import Rendered, TritonBackend, TritonConfig
+from service.triton import Renderer, TritonBackend, TritonConfig
 from service.uploads import load_photo
 from workers.runtime import Claimed, JobFailure, Reporter, WorkerContext, claim
 
@@ -41,25 +43,17 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[float, str], bool]
 
 
-class FrameRenderer(Protocol):
-    """What rendering needs: Triton's adapter, or PyTorch in-process (cli.offline)."""
-
-    def image_size(self) -> int: ...
-
-    def reenact(
-        self, frames: np.ndarray, identity: np.ndarray | None = None, avatar_id: str | None = None
-    ) -> Rendered: ...
-
-
 TRACK_SHARE: Final = 0.3  # of the progress bar: pass 1 (decode + detect)
 FILES: Final = {"mp4": "video.mp4", "webm": "video.webm"}
 MASK_FILE: Final = "mask.mp4"
 
 
-def job_condition(ctx: WorkerContext, avatar_id: str) -> Condition:
+def job_condition(ctx: WorkerContext, tenant_id: str, avatar_id: str) -> Condition:
     """The avatar's condition for Triton (service.condition), or a typed failure."""
     with session_scope(ctx.sessions) as session:
-        avatar = session.get(Avatar, avatar_id)
+        avatar = session.scalar(
+            select(Avatar).where(Avatar.id == avatar_id, Avatar.tenant_id == tenant_id)
+        )
         if avatar is None:
             raise JobFailure("avatar_not_found", "the avatar was deleted")
         condition = avatar_condition(avatar, ctx.store, ctx.settings.served_avatars_dir)
@@ -94,13 +88,16 @@ def track_faces(video: Path, total: int, report: Progress) -> list[Box] | None:
 class Compositor:
     """Turns generated crops into output frames per the job's options."""
 
-    def __init__(self, options: ReenactOptions, background: np.ndarray | None) -> None:
+    def __init__(
+        self, options: ReenactOptions, background: np.ndarray | None, size: tuple[int, int]
+    ) -> None:
         self.options = options
         self.background: tuple[int, int, int] | np.ndarray | None = None
         if options.background == "color":
             self.background = options.rgb()
-        elif options.background == "image":
-            self.background = background
+        elif options.background == "image" and background is not None:
+            # Once, not per frame: an uploaded background may have 40 MP.
+            self.background = cv2.resize(background, size, interpolation=cv2.INTER_AREA)
 
     def frame(
         self, driver: Frame, rgb: np.ndarray, mask: np.ndarray, box: Box, size: int
@@ -151,7 +148,12 @@ class Outputs:
             name = FILES[options.output]
             self.video = VideoWriter(folder / name, fps, w, h, fmt, audio_from=audio)
             self.files["video"] = name
-        self.mask = VideoWriter(folder / MASK_FILE, fps, w, h, MASK_MP4)
+        try:
+            self.mask = VideoWriter(folder / MASK_FILE, fps, w, h, MASK_MP4)
+        except BaseException:
+            if self.video is not None:
+                self.video.abort()
+            raise
         self.files["mask"] = MASK_FILE
 
     def write(self, image: np.ndarray | None, matte: np.ndarray) -> None:
@@ -160,9 +162,15 @@ class Outputs:
         self.mask.write(matte)
 
     def close(self) -> None:
-        if self.video is not None:
-            self.video.close()
-        self.mask.close()
+        """Finish both files, or neither (a failed flush aborts the other one too)."""
+        try:
+            if self.video is not None:
+                self.video.close()
+                self.video = None
+            self.mask.close()
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
         for writer in (self.video, self.mask):
@@ -193,7 +201,7 @@ def _crops(
 
 
 def render(
-    backend: FrameRenderer,
+    backend: Renderer,
     condition: Condition,
     video: Path,
     boxes: list[Box],
@@ -222,7 +230,45 @@ def _background(claimed: Claimed, ctx: WorkerContext) -> np.ndarray | None:
     if not name:
         return None
     path = ctx.store.job_input_dir(claimed.tenant_id, claimed.id) / str(name)
+    ctx.store.pull(path)
     return load_photo(path, ctx.settings.max_photo_pixels)
+
+
+def _encode(
+    ctx: WorkerContext,
+    claimed: Claimed,
+    options: ReenactOptions,
+    backend: Renderer,
+    condition: Condition,
+    video: Path,
+    boxes: list[Box],
+    reporter: Reporter,
+) -> tuple[Path, Outputs, int, tuple[int, int], bool] | None:
+    """Pass 2 into the job's folder: (folder, outputs, frames, frame size, audio kept), or
+    None if the job was canceled; nothing half-written is left either way."""
+    driver = claimed.params["driver"]
+    size = backend.image_size()
+    paste = options.paste_back
+    frame_size = (int(driver["width"]), int(driver["height"])) if paste else (size, size)
+    keep_audio = options.keep_audio and bool(driver.get("audio")) and options.output != "mask"
+    folder = ctx.store.job_dir(claimed.tenant_id, claimed.id)
+    outputs = Outputs(
+        folder, options, float(driver["fps"]), frame_size, video if keep_audio else None
+    )
+    try:
+        compositor = Compositor(options, _background(claimed, ctx), frame_size)
+        written = render(
+            backend, condition, video, boxes, outputs, compositor,
+            ctx.settings.reenact_batch, reporter.update,
+        )  # fmt: skip
+        if written is None:
+            outputs.abort()
+            return None
+        outputs.close()
+    except BaseException:
+        outputs.abort()
+        raise
+    return folder, outputs, written, frame_size, keep_audio
 
 
 def reenact_job(ctx: WorkerContext, job_id: str, backend: TritonBackend | None = None) -> None:
@@ -238,11 +284,11 @@ def reenact_job(ctx: WorkerContext, job_id: str, backend: TritonBackend | None =
     driver = claimed.params["driver"]
     inputs = store.job_input_dir(claimed.tenant_id, job_id)
     video = inputs / str(claimed.params["video"])
-    if not video.is_file():
+    if not store.pull(video):  # uploaded to another host: the bucket has it
         raise JobFailure("no_video", "the driver video is gone")
     reporter = Reporter(ctx, job_id)
     reporter.update(0.0, "tracking", force=True)
-    condition = job_condition(ctx, claimed.avatar_id)
+    condition = job_condition(ctx, claimed.tenant_id, claimed.avatar_id)
 
     boxes = track_faces(video, int(driver["frames"]), reporter.update)
     if boxes is None:
@@ -250,51 +296,25 @@ def reenact_job(ctx: WorkerContext, job_id: str, backend: TritonBackend | None =
     own_backend = backend is None
     if backend is None:
         backend = TritonBackend(
-            TritonConfig(
-                url=settings.triton_url,
-                protocol=settings.triton_protocol,
-                timeout_s=settings.triton_timeout_s,
-                max_batch=settings.reenact_batch,
-            )
+            TritonConfig.from_settings(settings, max_batch=settings.reenact_batch)
         )
     try:
-        size = backend.image_size()
-        frame_size = (
-            (int(driver["width"]), int(driver["height"])) if options.paste_back else (size, size)
-        )
-        audio = video if options.keep_audio and driver.get("audio") else None
-        folder = store.job_dir(claimed.tenant_id, job_id)
-        outputs = Outputs(folder, options, float(driver["fps"]), frame_size, audio)
-        try:
-            compositor = Compositor(options, _background(claimed, ctx))
-            written = render(
-                backend,
-                condition,
-                video,
-                boxes,
-                outputs,
-                compositor,
-                settings.reenact_batch,
-                reporter.update,
-            )
-        except BaseException:
-            outputs.abort()
-            raise
-        if written is None:
-            outputs.abort()
-            return
-        outputs.close()
+        encoded = _encode(ctx, claimed, options, backend, condition, video, boxes, reporter)
     finally:
         if own_backend:
             backend.close()
-
+    if encoded is None:  # canceled
+        return
+    folder, outputs, written, frame_size, audio = encoded
+    files = [folder / name for name in outputs.files.values()]
+    store.push(*files)  # before the job says they exist: a client may download at once
     result = {
         "files": outputs.files,
         "frames": written,
         "fps": float(driver["fps"]),
         "width": frame_size[0],
         "height": frame_size[1],
-        "audio": audio is not None,
+        "audio": audio,
     }
     with session_scope(ctx.sessions) as session:
         applied = transition(
@@ -306,7 +326,8 @@ def reenact_job(ctx: WorkerContext, job_id: str, backend: TritonBackend | None =
             result=result,
         )
     if not applied:  # canceled in the last moment: its files go too
-        for name in outputs.files.values():
-            (folder / name).unlink(missing_ok=True)
+        for file in files:
+            file.unlink(missing_ok=True)
+        store.drop(*files)
         return
     logger.info("job %s: rendered %d frames", job_id, written)

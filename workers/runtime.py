@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError as DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.blobs import StorageUnavailable
 from service.config import Settings, get_settings
 from service.db import create_db_engine, create_session_factory, session_scope
 from service.jobs import TERMINAL, get_status, reclaim, set_progress, transition
@@ -53,11 +54,14 @@ class JobBusy(Exception):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying the task for: the database, broker or inference server
+    """Errors worth retrying the task for: the database, broker, bucket or inference server
     blinked. Everything else fails the job."""
     if isinstance(exc, TritonError):
         return exc.retryable
-    return isinstance(exc, DatabaseError | BrokerError | RedisConnectionError | RedisTimeoutError)
+    return isinstance(
+        exc,
+        DatabaseError | BrokerError | RedisConnectionError | RedisTimeoutError | StorageUnavailable,
+    )
 
 
 @dataclass
@@ -77,11 +81,15 @@ def default_context(app: Celery) -> WorkerContext:
     pid = os.getpid()
     if pid not in _contexts:
         settings = get_settings()
-        engine = create_db_engine(settings.database_url)
+        engine = create_db_engine(
+            settings.database_url,
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+        )
         _contexts[pid] = WorkerContext(
             settings=settings,
             sessions=create_session_factory(engine),
-            store=ArtifactStore(settings.artifacts_dir),
+            store=ArtifactStore.from_settings(settings),
             queue=CeleryQueue(app),
         )
     return _contexts[pid]
@@ -177,6 +185,7 @@ def discard_if_deleted(ctx: WorkerContext, job: Claimed) -> None:
         gone = session.get(Avatar, job.avatar_id) is None
     if gone:
         ctx.store.delete_avatar(job.tenant_id, job.avatar_id)
+        ctx.store.drop_dir(ctx.store.avatar_dir(job.tenant_id, job.avatar_id))
 
 
 # --- progress --------------------------------------------------------------------------------

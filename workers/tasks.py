@@ -17,6 +17,7 @@ from service.queue import (
     PREPROCESS_TASK,
     REENACT_QUEUE,
     REENACT_TASK,
+    REQUEUE_TASK,
     WEBHOOK_SWEEP_TASK,
     WEBHOOK_TASK,
 )
@@ -73,3 +74,9 @@ def reenact(self: Task, job_id: str) -> None:
 
     run_task(self, job_id, reenact_job)
     webhooks.dispatch_job_events(default_context(self.app), job_id)
+
+
+@app.task(name=REQUEUE_TASK, bind=True, queue=EVENTS_QUEUE)
+def requeue_stalled(self: Task) -> int:
+    """Publish again queued jobs whose message was lost (beat, every minute)."""
+    return len(maintenance.requeue_stalled(default_context(self.app)))

@@ -8,9 +8,10 @@ dies mid-POST leaves the row due again after the claim's lease, and the sweep re
 
 from __future__ import annotations
 
+import http.client
 import logging
-import urllib.error
-import urllib.request
+import socket
+import ssl
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final, Literal, cast
@@ -25,6 +26,7 @@ from service.webhooks import (
     EVENT_HEADER,
     SIGNATURE_HEADER,
     InvalidCallbackUrl,
+    Target,
     dispatch_pending,
     event_body,
     sign,
@@ -64,16 +66,43 @@ class _Claimed:
     body: bytes
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A 3xx is the receiver's answer, not an address to follow: following it would let a
-    public URL bounce the request into a private network."""
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Connects to the vetted address, whatever the host name resolves to now."""
 
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    def __init__(self, target: Target, timeout: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout)
+        self.address = target.address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self.address, self.port), self.timeout)
 
 
-# Direct connections only: no redirects, and no proxy picked up from the environment.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """TLS to the vetted address, with the URL's host for SNI and certificate checks."""
+
+    def __init__(self, target: Target, timeout: float) -> None:
+        self.tls = ssl.create_default_context()
+        super().__init__(target.host, target.port, timeout=timeout, context=self.tls)
+        self.address = target.address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+
+
+def post(target: Target, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
+    """POST to the pinned address; the status. Plain http.client: no proxy from the
+    environment, and a 3xx is the receiver's answer, never followed (a public URL must not
+    bounce the request into a private network)."""
+    cls = _PinnedHTTPS if target.scheme == "https" else _PinnedHTTP
+    conn = cls(target, timeout_s)
+    try:
+        conn.request("POST", target.path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read(1024)  # drain a little; the body is not used
+        return int(response.status)
+    finally:
+        conn.close()
 
 
 def deliver(ctx: WorkerContext, delivery_id: str) -> Attempt:
@@ -90,7 +119,7 @@ def deliver(ctx: WorkerContext, delivery_id: str) -> Attempt:
         logger.error("webhook %s not sent: set LPD_SIGNED_URL_SECRET", delivery_id)
         return _record(ctx, delivery_id, claimed.attempts, None, NO_SECRET, retry=False)
     try:
-        validate_callback_url(claimed.url, settings)
+        target = validate_callback_url(claimed.url, settings)
     except InvalidCallbackUrl as exc:
         refused = f"callback URL refused: {exc}"
         return _record(ctx, delivery_id, claimed.attempts, None, refused, retry=exc.retryable)
@@ -102,18 +131,12 @@ def deliver(ctx: WorkerContext, delivery_id: str) -> Attempt:
         DELIVERY_HEADER: delivery_id,
         SIGNATURE_HEADER: sign(secret, claimed.body),
     }
-    request = urllib.request.Request(claimed.url, data=claimed.body, headers=headers)
     status: int | None = None
     error: str | None = None
     try:
-        with _opener.open(request, timeout=settings.webhook_timeout_s) as response:
-            status = int(response.status)
-            response.read(1024)  # drain a little; the body is not used
-    except urllib.error.HTTPError as exc:
-        status, error = exc.code, f"HTTP {exc.code} {exc.reason}"
-        exc.close()
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        status = post(target, claimed.body, headers, settings.webhook_timeout_s)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
     if status is not None and 200 <= status < 300:
         return _record(ctx, delivery_id, claimed.attempts, status, None, retry=False)
     return _record(ctx, delivery_id, claimed.attempts, status, error or f"HTTP {status}", True)
@@ -189,9 +212,9 @@ def _record(
         outcome = "gave_up"
         values["next_attempt_at"] = None  # NULL and undelivered: given up, never due again
     with session_scope(ctx.sessions) as session:
-        session.execute(
+        session.execute(  # only if no later attempt claimed the row meanwhile
             update(WebhookDelivery)
-            .where(WebhookDelivery.id == delivery_id)
+            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.attempts == attempts)
             .values(**values)
             .execution_options(synchronize_session=False)
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request, Security
 from fastapi.requests import HTTPConnection
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -45,12 +46,30 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
     connection pool holds. A sync endpoint's session keeps its connection through a second
     thread-pool turn (FastAPI validates the response in one); unbounded, 200 concurrent
     pollers filled the pool with sessions waiting for threads while every thread waited for
-    a connection (30 s pool timeouts). The commit runs on the event loop (async), so the
-    teardown needs no thread either.
+    a connection (30 s pool timeouts). The commit runs in a thread of its own small
+    limiter (`app.state.teardown_limiter`), off the event loop and off the pool endpoints
+    wait on.
     """
     sessions: sessionmaker[Session] = request.app.state.sessions
-    with session_scope(sessions) as session:
+    limiter: anyio.CapacityLimiter = request.app.state.teardown_limiter
+    session = sessions()
+    try:
         yield session
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_end, session, False, limiter=limiter)
+        raise
+    await anyio.to_thread.run_sync(_end, session, True, limiter=limiter)
+
+
+def _end(session: Session, commit: bool) -> None:
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    finally:
+        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

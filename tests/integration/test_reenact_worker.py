@@ -224,6 +224,9 @@ def test_finetuned_avatar_is_published_and_served_by_key(
         assert stored is not None and stored.artifact_path is not None
         key = Path(stored.artifact_path).stem
     assert (triton.avatar_dir / f"{key}.safetensors").is_file()
+    # Deleting the avatar withdraws its weights from Triton too (a hard link would keep them).
+    assert stack.client.delete(f"/v1/avatars/{avatar}", headers=stack.headers).status_code == 204
+    assert not (triton.avatar_dir / f"{key}.safetensors").exists()
 
 
 def _finetuned(tmp_path: Path) -> Path:

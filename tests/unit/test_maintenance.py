@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
@@ -194,3 +194,34 @@ def test_old_idempotency_records_are_purged(ctx: WorkerContext, tenant_id: str) 
     assert maintenance.cleanup(ctx, now=now).purged_idempotency == 1
     with ctx.sessions() as session:
         assert list(session.scalars(select(IdempotencyRecord.key))) == ["new"]
+
+
+def test_stalled_queued_jobs_are_published_again_once(
+    ctx: WorkerContext, tenant_id: str, sessions: sessionmaker[Session]
+) -> None:
+    from service.queue import FINETUNE_TASK, PREPROCESS_TASK, REENACT_TASK
+    from tests.unit.test_avatars_api import RecordingQueue
+
+    queue = RecordingQueue()
+    ctx = WorkerContext(ctx.settings, ctx.sessions, ctx.store, queue)
+    now = datetime.now(UTC)
+    old, recent = now - timedelta(hours=1), now - timedelta(seconds=30)
+    cases = [  # kind, stage, status, last write -> the task published, or None
+        (JobKind.REENACT, "queued", JobStatus.QUEUED, old, REENACT_TASK),
+        (JobKind.FINETUNE, "finetune_queued", JobStatus.QUEUED, old, FINETUNE_TASK),
+        (JobKind.FINETUNE, "queued", JobStatus.QUEUED, old, PREPROCESS_TASK),
+        (JobKind.REENACT, "queued", JobStatus.QUEUED, recent, None),  # not stalled yet
+        (JobKind.REENACT, "tracking", JobStatus.RUNNING, old, None),  # the lease's business
+    ]
+    expected = []
+    with session_scope(sessions) as session:
+        for kind, stage, status, written, task in cases:
+            job = Job(tenant_id=tenant_id, kind=kind, status=status, stage=stage, params={})
+            session.add(job)
+            session.flush()
+            session.execute(update(Job).where(Job.id == job.id).values(updated_at=written))
+            if task is not None:
+                expected.append((task, job.id))
+    assert sorted(maintenance.requeue_stalled(ctx, now)) == sorted(j for _, j in expected)
+    assert sorted(queue.sent) == sorted(expected)
+    assert maintenance.requeue_stalled(ctx, now) == []  # bumped: not again before the delay

@@ -325,6 +325,9 @@ def test_downloads_stream_with_range_and_signed_links(
     assert client.get(tampered).json()["error"]["code"] == "invalid_signature"
     forged = UrlSigner(b"another secret", 60).sign(job_id, "video")[0]
     assert client.get(forged).status_code == 403
+    for junk in ("%C3%A9" * 32, "00"):  # non-ASCII, short: typed 422, never a 500
+        bad = client.get(f"/v1/files/{job_id}/video?expires=9999999999&signature={junk}")
+        assert (bad.status_code, bad.json()["error"]["code"]) == (422, "invalid_request")
     past = UrlSigner(SECRET.encode(), -10, clock=time.time).sign(job_id, "video")[0]
     r = client.get(past)
     assert (r.status_code, r.json()["error"]["message"]) == (403, "the link has expired")
@@ -359,7 +362,7 @@ def test_no_signed_links_without_a_secret(
         finish(sessions, settings, job_id, b"x" * 10)
         links = c.get(f"/v1/jobs/{job_id}", headers=alice).json()["result"]
         assert links["video"] and links["video_url"] is None
-        r = c.get(f"/v1/files/{job_id}/video?expires=9999999999&signature=00")
+        r = c.get(f"/v1/files/{job_id}/video?expires=9999999999&signature={'0' * 64}")
         assert r.status_code == 404
 
 

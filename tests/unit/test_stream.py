@@ -10,12 +10,14 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import redis
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -440,3 +442,31 @@ def test_measure_stream_over_a_real_server(
     with pytest.raises(InvalidStatus) as info:
         asyncio.run(measure_stream(stream_url, "lpd_000000000000_" + "A" * 43, [FACE_JPEG]))
     assert info.value.response.status_code == 403
+
+
+def test_opening_a_stream_counts_against_the_rate_limit(
+    settings: Settings, backend: EchoBackend, alice: tuple[str, str], avatar: str
+) -> None:
+    """Like any request: the third stream in a minute at 2/min is refused with 4429. Real
+    Redis (DB 9), a key prefix of this test's own."""
+    prefix = f"test:stream:{uuid.uuid4().hex}:"
+    update = {
+        "redis_url": "redis://127.0.0.1:6379/9",
+        "rate_limit_key_prefix": prefix,
+        "rate_limit_per_minute": 2,
+    }
+    app = create_app(settings.model_copy(update=update))
+    app.dependency_overrides[get_inference] = lambda: backend
+    try:
+        with TestClient(app) as client:
+            for _ in range(2):
+                with client.websocket_connect(url(avatar), headers=bearer(alice[1])) as ws:
+                    ws.send_bytes(FACE_JPEG)
+                    assert ws.receive_json()["type"] == "frame"
+            with client.websocket_connect(url(avatar), headers=bearer(alice[1])) as ws:
+                assert close_code(ws) == 4429
+    finally:
+        r = redis.Redis.from_url(update["redis_url"])
+        keys = list(r.scan_iter(match=f"{prefix}*"))
+        if keys:
+            r.delete(*keys)

@@ -223,7 +223,8 @@ PUBLIC = "93.184.216.34"  # an IP literal: no DNS needed
 def test_callback_url_rules(url: str, ok: bool, tmp_path: Path) -> None:
     settings = make_settings("sqlite://", tmp_path, webhook_allow_private_hosts=False)
     if ok:
-        assert validate_callback_url(url, settings) == url
+        target = validate_callback_url(url, settings)
+        assert url.startswith(f"{target.scheme}://") and target.path.startswith("/")
     else:
         with pytest.raises(InvalidCallbackUrl) as info:
             validate_callback_url(url, settings)
@@ -255,6 +256,50 @@ def test_a_name_is_checked_by_every_address_it_resolves_to(
     with pytest.raises(InvalidCallbackUrl, match="does not resolve") as info:
         validate_callback_url("https://gone.example/h", settings)
     assert info.value.retryable
+
+
+def test_post_connects_to_the_vetted_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The name is resolved once, at the check; the POST goes to that address (a later DNS
+    answer cannot redirect it). `hooks.example` resolves only through the patched lookup."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from workers.webhooks import post
+
+    seen: list[tuple[str | None, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(
+                (self.headers["Host"], self.rfile.read(int(self.headers["Content-Length"])))
+            )
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    real = socket.getaddrinfo
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda host, *a, **kw: (
+            real("127.0.0.1", *a, **kw) if host == "hooks.example" else real(host, *a, **kw)
+        ),
+    )
+    settings = make_settings("sqlite://", tmp_path, webhook_allow_private_hosts=True)
+    target = validate_callback_url(f"http://hooks.example:{port}/in?x=1", settings)
+    assert (target.address, target.path) == ("127.0.0.1", "/in?x=1")
+    monkeypatch.setattr(socket, "getaddrinfo", real)  # "rebinding": the name is gone now
+    try:
+        assert post(target, b"{}", {"Content-Type": "application/json"}, 5.0) == 204
+    finally:
+        server.shutdown()
+    assert seen == [(f"hooks.example:{port}", b"{}")]
 
 
 # --- the outbox ------------------------------------------------------------------------------

@@ -56,8 +56,9 @@ from service.models import Avatar, AvatarStatus, FineTune, Job, JobKind, JobStat
 from service.queue import PREPROCESS_TASK
 from service.quotas import check_avatar_quota, check_job_quota
 from service.schemas import AvatarCreated, AvatarOptions, AvatarOut, JobOut, Page
-from service.storage import ArtifactStore
+from service.storage import ArtifactStore, served_avatar_key, unpublish_served_avatar
 from service.uploads import (
+    FACE_CHECK_SIDE,
     PHOTO_FIELD,
     check_one_face,
     inspect_photo,
@@ -146,7 +147,7 @@ def _store_photos(staging: Path, photos_dir: Path, photos: list[Path], settings:
     for index, path in enumerate(photos):
         info = inspect_photo(path, index, settings.max_photo_pixels)
         if settings.photo_face_check:
-            rgb = load_photo(path, settings.max_photo_pixels)
+            rgb = load_photo(path, settings.max_photo_pixels, max_side=FACE_CHECK_SIDE)
             check_one_face(rgb, index, shared_detector())
         path.rename(path.with_suffix(f".{info.extension}"))
     staging.rename(photos_dir)
@@ -202,9 +203,9 @@ def _forget(sessions: sessionmaker[Session], avatar_id: str, job_id: str) -> Non
 
 
 def _latest_jobs(session: Session, avatar_ids: list[str]) -> dict[str, str]:
-    stmt = (
+    stmt = (  # the jobs that make the avatar, not the reenactments that use it
         select(Job.avatar_id, Job.id)
-        .where(Job.avatar_id.in_(avatar_ids))
+        .where(Job.avatar_id.in_(avatar_ids), Job.kind.in_((JobKind.PREPROCESS, JobKind.FINETUNE)))
         .order_by(Job.created_at, Job.id)
     )
     return {avatar_id: job_id for avatar_id, job_id in session.execute(stmt) if avatar_id}
@@ -309,6 +310,7 @@ async def create_avatar(
             claim = outcome
         photos_dir = store.photos_dir(tenant_id, avatar_id)
         await run_in_threadpool(_store_photos, staging, photos_dir, form.photos, settings)
+        await run_in_threadpool(store.push, photos_dir)  # before a worker looks for them
         avatar, job = await run_in_threadpool(
             _create, sessions, principal, avatar_id, options, len(form.photos), settings
         )
@@ -386,7 +388,7 @@ def _preview_path(store: ArtifactStore, avatar: Avatar) -> Path | None:
     if avatar.artifact_path is None:
         return None
     path = store.resolve(avatar.artifact_path).with_suffix(".png")
-    return path if path.is_file() else None
+    return path if path.is_file() or store.pull(path) else None
 
 
 @router.delete(
@@ -396,13 +398,19 @@ def _preview_path(store: ArtifactStore, avatar: Avatar) -> Path | None:
     responses={404: NOT_FOUND},
 )
 def delete_avatar(
-    avatar_id: str, principal: PrincipalDep, session: SessionDep, store: StoreDep
+    avatar_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
 ) -> Response:
-    """Cancel the avatar's unfinished jobs, delete it, then remove its photos and weights.
+    """Cancel the avatar's unfinished jobs, delete it, then remove its photos and weights,
+    the copy of its weights published to Triton included.
 
     A worker still running one of those jobs stops at its next progress check.
     """
     avatar = get_avatar_or_404(session, principal, avatar_id)
+    served = served_avatar_key(avatar.artifact_path) if avatar.artifact_path else None
     unfinished = session.scalars(
         select(Job.id).where(Job.avatar_id == avatar.id, Job.status.not_in(TERMINAL))
     )
@@ -411,4 +419,7 @@ def delete_avatar(
     session.delete(avatar)
     session.commit()  # files go only once the rows are gone, so a failed commit loses nothing
     store.delete_avatar(principal.tenant_id, avatar_id)
+    store.drop_dir(store.avatar_dir(principal.tenant_id, avatar_id))
+    if served is not None:  # a hard link would keep the weights servable
+        unpublish_served_avatar(settings.served_avatars_dir, served)
     return Response(status_code=204)

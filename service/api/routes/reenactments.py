@@ -140,20 +140,25 @@ def _store_upload(
     return info
 
 
-def _ready_avatar(sessions: sessionmaker[Session], principal: Principal, avatar_id: str) -> None:
-    with session_scope(sessions) as session:
-        avatar = session.scalar(
-            select(Avatar).where(Avatar.id == avatar_id, Avatar.tenant_id == principal.tenant_id)
+def _require_ready(session: Session, principal: Principal, avatar_id: str) -> None:
+    avatar = session.scalar(
+        select(Avatar).where(Avatar.id == avatar_id, Avatar.tenant_id == principal.tenant_id)
+    )
+    if avatar is None:
+        raise ApiError(404, "avatar_not_found", "no such avatar", {"avatar_id": avatar_id})
+    if avatar.identity_embedding is None:
+        raise ApiError(
+            409,
+            "avatar_not_ready",
+            f"the avatar is {avatar.status.value}; wait until it is ready",
+            {"status": avatar.status.value},
         )
-        if avatar is None:
-            raise ApiError(404, "avatar_not_found", "no such avatar", {"avatar_id": avatar_id})
-        if avatar.identity_embedding is None:
-            raise ApiError(
-                409,
-                "avatar_not_ready",
-                f"the avatar is {avatar.status.value}; wait until it is ready",
-                {"status": avatar.status.value},
-            )
+
+
+def _ready_avatar(sessions: sessionmaker[Session], principal: Principal, avatar_id: str) -> None:
+    """The early check, before the upload is stored (`_create` checks again)."""
+    with session_scope(sessions) as session:
+        _require_ready(session, principal, avatar_id)
 
 
 def _check_quota(sessions: sessionmaker[Session], tenant_id: str, settings: Settings) -> None:
@@ -180,8 +185,10 @@ def _create(
     params = options.model_dump(exclude={"callback_url"})
     params.update(video=DRIVER, background_image=BACKGROUND if background else None, driver=driver)
     with session_scope(sessions) as session:
-        # Again in the inserting transaction: concurrent uploads passed the early check.
+        # Again in the inserting transaction: concurrent uploads passed the early checks
+        # (the avatar may have been deleted meanwhile: 404, not a foreign-key 500).
         check_job_quota(session, principal.tenant_id, settings)
+        _require_ready(session, principal, options.avatar_id)
         job = Job(
             id=job_id,
             tenant_id=principal.tenant_id,
@@ -293,6 +300,7 @@ async def create_reenactment(
             claim = outcome
         await run_in_threadpool(_ready_avatar, sessions, principal, options.avatar_id)
         info = await run_in_threadpool(_store_upload, staging, inputs, video, background, settings)
+        await run_in_threadpool(store.push, inputs)  # before a worker looks for them
         job = await run_in_threadpool(
             _create, sessions, principal, job_id, options, info, background is not None, settings
         )

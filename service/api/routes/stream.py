@@ -41,7 +41,6 @@ from typing import Any
 import anyio
 from anyio import CancelScope
 from fastapi import APIRouter, WebSocket
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -73,7 +72,7 @@ from service.live import (
     apply_config,
 )
 from service.models import AvatarStatus
-from service.storage import ArtifactStore
+from service.ratelimit import enforce_rate_limit
 from service.triton import InferenceUnavailable, ModelNotReady, TritonError
 
 logger = logging.getLogger(__name__)
@@ -92,23 +91,27 @@ class _Closed(Exception):
 
 
 def _admit(
-    sessions: sessionmaker[Session],
-    authorization: str | None,
-    avatar_id: str,
-    store: ArtifactStore,
-    settings: Settings,
+    websocket: WebSocket, authorization: str | None, avatar_id: str, settings: Settings
 ) -> tuple[str, Condition]:
-    """(tenant id, the avatar's condition for Triton); StreamRefused with its close code."""
-    with session_scope(sessions) as session:
+    """(tenant id, the avatar's condition for Triton); StreamRefused with its close code.
+
+    Opening a stream counts against the key's rate limit, like any request."""
+    app: Any = websocket.app
+    with session_scope(app.state.sessions) as session:
         try:
             principal = authenticate(session, authorization)
         except AuthenticationError as exc:
             raise StreamRefused(CLOSE_UNAUTHORIZED, str(exc)) from None
         try:
+            enforce_rate_limit(websocket, principal, settings)
+        except ApiError as exc:
+            close = CLOSE_TOO_MANY_STREAMS if exc.status == 429 else CLOSE_TRY_AGAIN_LATER
+            raise StreamRefused(close, exc.message) from None
+        try:
             avatar = get_avatar_or_404(session, principal, avatar_id)
         except ApiError:
             raise StreamRefused(CLOSE_NOT_FOUND, "no such avatar") from None
-        condition = avatar_condition(avatar, store, settings.served_avatars_dir)
+        condition = avatar_condition(avatar, app.state.store, settings.served_avatars_dir)
         if avatar.status is not AvatarStatus.READY or condition is None:
             raise StreamRefused(CLOSE_NOT_READY, f"the avatar is {avatar.status.value}")
         return principal.tenant_id, condition
@@ -245,7 +248,7 @@ async def stream_avatar(
     authorization = websocket.headers.get("authorization") or (token and f"Bearer {token}")
     try:
         tenant_id, condition = await run_in_threadpool(
-            _admit, app.state.sessions, authorization, avatar_id, app.state.store, settings
+            _admit, websocket, authorization, avatar_id, settings
         )
     except StreamRefused as exc:
         if exc.code == CLOSE_UNAUTHORIZED:  # unauthenticated sockets are never accepted
