@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-unit lint format bench summary triton-repo triton run clean
+.PHONY: setup test test-unit lint format bench summary triton-repo triton run demo docs clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,12 @@ triton: triton-repo  ## the embedded tritonserver on 127.0.0.1:8000 (HTTP) / 800
 
 run: setup  ## the whole service on 127.0.0.1:8000 (Redis, SQLite, Triton, a worker, the API)
 	$(PY) -m deploy.local
+
+demo:  ## the curl flow against `make run` (LPD_API_KEY: the key it printed) -> reenacted.mp4
+	scripts/demo.sh
+
+docs: setup  ## regenerate docs/configuration.md from service.config.Settings
+	$(PY) -m scripts.settings_reference > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
