@@ -12,17 +12,20 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Final
 
-from fastapi import Depends, Header
+import anyio
+from fastapi import Depends, Header, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
 from service.db import session_scope
@@ -30,6 +33,8 @@ from service.errors import ApiError
 from service.models import IdempotencyRecord, utcnow
 
 logger = logging.getLogger(__name__)
+
+ACCEPTED: Final = 202  # what the create routes answer (and replay)
 
 HEADER: Final = "Idempotency-Key"
 REPLAYED_HEADER: Final = "Idempotent-Replayed"
@@ -224,3 +229,47 @@ def _in_progress(settings: Settings) -> ApiError:
         f"a request with this {HEADER} is still in progress; retry later",
         headers={"Retry-After": str(settings.retry_after_s)},
     )
+
+
+class IdempotentRequest:
+    """A create route's Idempotency-Key, start to end, for routes that parse the upload
+    first (the fingerprint covers the files): `replay` after validation gives the stored
+    response of an earlier identical request, or claims the key; `done` stores this
+    response; `failed` frees the key so that a retry runs again."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], tenant_id: str, key: str | None, settings: Settings
+    ) -> None:
+        self.sessions, self.tenant_id, self.key, self.settings = sessions, tenant_id, key, settings
+        self.claim: Claim | None = None
+
+    async def replay(
+        self,
+        request: Request,
+        fields: Mapping[str, str],
+        files: Mapping[str, Sequence[Path]],
+        location: Callable[[Any], str],
+    ) -> JSONResponse | None:
+        """The first response again (`location(body)` its Location), or None: go on."""
+        if self.key is None:
+            return None
+        fingerprint = await run_in_threadpool(
+            request_fingerprint, request.method, request.url.path, fields, files
+        )
+        outcome = await run_in_threadpool(
+            begin, self.sessions, self.tenant_id, self.key, fingerprint, self.settings
+        )
+        if isinstance(outcome, Replay):
+            return outcome.response({"Location": location(outcome.body)})
+        self.claim = outcome
+        return None
+
+    async def done(self, status: int, body: Any) -> None:
+        if self.claim is not None:
+            stored = jsonable_encoder(body)
+            await run_in_threadpool(complete_or_log, self.sessions, self.claim, status, stored)
+
+    async def failed(self) -> None:
+        if self.claim is not None:
+            with anyio.CancelScope(shield=True):  # a retry must not find the key in flight
+                await run_in_threadpool(abandon, self.sessions, self.claim)

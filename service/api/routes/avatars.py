@@ -13,9 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Final
 
-import anyio
 from fastapi import APIRouter, Request, Response
-from fastapi.encoders import jsonable_encoder
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from sqlalchemy import delete, select
@@ -42,15 +40,7 @@ from service.errors import (
     unavailable,
     validation_details,
 )
-from service.idempotency import (
-    Claim,
-    IdempotencyKeyDep,
-    Replay,
-    abandon,
-    begin,
-    complete_or_log,
-    request_fingerprint,
-)
+from service.idempotency import ACCEPTED, IdempotencyKeyDep, IdempotentRequest
 from service.jobs import TERMINAL, transition
 from service.models import Avatar, AvatarStatus, FineTune, Job, JobKind, JobStatus, new_id
 from service.queue import PREPROCESS_TASK
@@ -71,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/avatars", tags=["avatars"])
 
-ACCEPTED: Final = 202
 NOT_FOUND: Final = error_example("not_found", "no such avatar")
 TOO_MANY: Final = error_examples(
     ApiError(429, "rate_limited", "at most 120 requests per minute for this API key"),
@@ -280,7 +269,7 @@ async def create_avatar(
         # that succeeded, and the quota it used up must not hide its replay.
         await run_in_threadpool(_check_quotas, sessions, tenant_id, settings)
     staging = store.staging_dir(tenant_id, avatar_id)
-    claim: Claim | None = None
+    idempotent = IdempotentRequest(sessions, tenant_id, idempotency_key, settings)
     try:
         form = await receive_photos(
             request,
@@ -293,21 +282,10 @@ async def create_avatar(
             await run_in_threadpool(require_callback_url, options.callback_url, settings)
         if not form.photos:
             raise ApiError(422, "no_photos", f"send 1-{settings.max_photos} photos as `photos`")
-        if idempotency_key is not None:
-            fingerprint = await run_in_threadpool(
-                request_fingerprint,
-                request.method,
-                request.url.path,
-                form.fields,
-                {PHOTO_FIELD: form.photos},
-            )
-            outcome = await run_in_threadpool(
-                begin, sessions, tenant_id, idempotency_key, fingerprint, settings
-            )
-            if isinstance(outcome, Replay):
-                store.delete_avatar(tenant_id, avatar_id)  # only this upload's staging
-                return outcome.response(_location(outcome.body))
-            claim = outcome
+        replay = await idempotent.replay(request, form.fields, form.files, _location)
+        if replay is not None:
+            store.delete_avatar(tenant_id, avatar_id)  # only this upload's staging
+            return replay
         photos_dir = store.photos_dir(tenant_id, avatar_id)
         await run_in_threadpool(_store_photos, staging, photos_dir, form.photos, settings)
         await run_in_threadpool(store.push, photos_dir)  # before a worker looks for them
@@ -325,24 +303,20 @@ async def create_avatar(
             ) from None
     except BaseException:
         store.delete_avatar(tenant_id, avatar_id)  # no row refers to this upload
-        if claim is not None:
-            with anyio.CancelScope(shield=True):  # a retry must not find the key in flight
-                await run_in_threadpool(abandon, sessions, claim)
+        await idempotent.failed()
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
     created = AvatarCreated(avatar=AvatarOut.of(avatar, job.id), job=JobOut.of(job))
-    if claim is not None:
-        body = jsonable_encoder(created)
-        await run_in_threadpool(complete_or_log, sessions, claim, ACCEPTED, body)
+    await idempotent.done(ACCEPTED, created)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return created
 
 
-def _location(body: Any) -> dict[str, str]:
-    """The Location header of a created avatar's response body: its job."""
-    return {"Location": f"/v1/jobs/{body['job']['id']}"}
+def _location(body: Any) -> str:
+    """The Location of a created avatar's response body: its job."""
+    return f"/v1/jobs/{body['job']['id']}"
 
 
 @router.get("", summary="List avatars, newest first")

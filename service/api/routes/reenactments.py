@@ -12,9 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Final
 
-import anyio
 from fastapi import APIRouter, Request, Response
-from fastapi.encoders import jsonable_encoder
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,15 +38,7 @@ from service.errors import (
     unavailable,
     validation_details,
 )
-from service.idempotency import (
-    Claim,
-    IdempotencyKeyDep,
-    Replay,
-    abandon,
-    begin,
-    complete_or_log,
-    request_fingerprint,
-)
+from service.idempotency import ACCEPTED, IdempotencyKeyDep, IdempotentRequest
 from service.models import Avatar, Job, JobKind, new_id
 from service.queue import REENACT_TASK
 from service.quotas import check_job_quota
@@ -60,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/reenactments", tags=["reenactments"])
 
-ACCEPTED: Final = 202
 DRIVER: Final = "driver"  # the stored upload's name (PyAV probes the content, not the name)
 BACKGROUND: Final = "background"
 
@@ -272,7 +261,7 @@ async def create_reenactment(
             BACKGROUND_IMAGE_FIELD, 1, settings.max_background_bytes, "photo_too_large", "image"
         ),
     ]
-    claim: Claim | None = None
+    idempotent = IdempotentRequest(sessions, tenant_id, idempotency_key, settings)
     try:
         form = await receive_form(request, staging, files)
         options = _options(form.fields)
@@ -287,17 +276,12 @@ async def create_reenactment(
             )
         if options.callback_url is not None:
             await run_in_threadpool(require_callback_url, options.callback_url, settings)
-        if idempotency_key is not None:
-            fingerprint = await run_in_threadpool(
-                request_fingerprint, request.method, request.url.path, form.fields, form.files
-            )
-            outcome = await run_in_threadpool(
-                begin, sessions, tenant_id, idempotency_key, fingerprint, settings
-            )
-            if isinstance(outcome, Replay):
-                store.delete_job(tenant_id, job_id)  # only this upload's staging
-                return outcome.response({"Location": f"/v1/jobs/{outcome.body['id']}"})
-            claim = outcome
+        replay = await idempotent.replay(
+            request, form.fields, form.files, lambda body: f"/v1/jobs/{body['id']}"
+        )
+        if replay is not None:
+            store.delete_job(tenant_id, job_id)  # only this upload's staging
+            return replay
         await run_in_threadpool(_ready_avatar, sessions, principal, options.avatar_id)
         info = await run_in_threadpool(_store_upload, staging, inputs, video, background, settings)
         await run_in_threadpool(store.push, inputs)  # before a worker looks for them
@@ -315,16 +299,12 @@ async def create_reenactment(
             ) from None
     except BaseException:
         store.delete_job(tenant_id, job_id)  # no row refers to this upload
-        if claim is not None:
-            with anyio.CancelScope(shield=True):  # a retry must not find the key in flight
-                await run_in_threadpool(abandon, sessions, claim)
+        await idempotent.failed()
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
     created = JobOut.of(job, signer)
-    if claim is not None:
-        body = jsonable_encoder(created)
-        await run_in_threadpool(complete_or_log, sessions, claim, ACCEPTED, body)
+    await idempotent.done(ACCEPTED, created)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return created
