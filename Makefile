@@ -23,7 +23,7 @@ test-unit: setup  ## the quick loop
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy model media training benchmarks scripts deploy service workers cli
+	$(PY) -m mypy model media training evaluation benchmarks scripts deploy service workers cli
 
 format: setup
 	$(PY) -m ruff check --fix .

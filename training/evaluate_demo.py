@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from evaluation.images import premultiplied
+from evaluation.metrics import psnr
 from model.checkpoint import read_header
 from model.inference import InferenceModel
 from model.reenactor import Reenactor
@@ -43,12 +45,6 @@ class EvalConfig:
     max_identities: int | None = None  # score only the first N held-out identities
 
 
-def _premultiplied(image: np.ndarray, mask: np.ndarray) -> torch.Tensor:
-    """uint8 image (S, S, 3) and mask (S, S) -> (3, S, S) float image x mask in [0, 1]."""
-    rgb = torch.from_numpy(image).permute(2, 0, 1).float() / 255
-    return rgb * torch.from_numpy(mask).float()[None] / 255
-
-
 def _frames(clip: Clip, indices: list[int]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(clip.image(i)).permute(2, 0, 1) for i in indices])
 
@@ -69,11 +65,6 @@ def _by_tercile(change: list[float], errors: dict[str, list[float]]) -> dict[str
         }
         for t in range(3)
     }
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return 10 * np.log10(1 / max(mse, 1e-10))
 
 
 def finetuned_model(ckpt: Path, clip: Clip, indices: list[int], cfg: EvalConfig) -> InferenceModel:
@@ -115,7 +106,7 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
             "trained": trained.embed_identity(id_frames),
             "untrained": untrained.embed_identity(id_frames),
         }
-        copy = _premultiplied(clip_a.image(0), clip_a.mask(0))
+        copy = premultiplied(clip_a.image(0), clip_a.mask(0))
         tuned = finetuned_model(ckpt, clip_a, ref, cfg) if cfg.finetune_steps > 0 else None
         pose_a = clip_a.extras["pose_params"][0][:4]
         others = [b for b in range(len(clips)) if b != a]
@@ -127,7 +118,7 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
             for j in js:
                 pose = PoseParams.from_vector(clip_b.extras["pose_params"][j])
                 frame = render(identity_a, pose, model_cfg.image_size)
-                gts.append(_premultiplied(frame.image, frame.mask))
+                gts.append(premultiplied(frame.image, frame.mask))
             gt = torch.stack(gts)
             outputs = {
                 "trained": trained.reenact(embeddings["trained"], drivers).rgb,
@@ -142,7 +133,7 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
             ]
             for m in methods:
                 errors[m] += (outputs[m] - gt).abs().mean(dim=(1, 2, 3)).tolist()
-                psnrs[m] += [psnr(o, g) for o, g in zip(outputs[m], gt, strict=True)]
+                psnrs[m] += psnr(outputs[m], gt).tolist()
             if len(grid_rows) < 8:
                 row = [drivers[0].float() / 255, id_frames[0].float() / 255, gt[0]]
                 row += [outputs[m][0] for m in methods]
