@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from evaluation.report import sha256, write_html, write_metrics
+from evaluation.report import write_html, write_metrics
 from evaluation.synthetic import SyntheticSuiteConfig, run_synthetic
 from model.checkpoint import read_header
 from model.inference import InferenceModel
+from training.finetune import file_sha256
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": cfg.seed,
         "checkpoint": {
             "path": str(args.checkpoint),
-            "sha256": sha256(args.checkpoint),
+            "sha256": file_sha256(args.checkpoint),  # names exactly the weights scored
             "preset": model_cfg.name,
             "step": info.get("step"),
         },

@@ -6,7 +6,6 @@ Images and plots are embedded as base64 PNGs, so the report is one file to attac
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import json
@@ -18,15 +17,6 @@ from evaluation.images import grid, png_bytes
 from evaluation.synthetic import Sample
 
 GRID_ROWS = ("avatar (identity frame)", "driver", "ground truth", "output")
-
-
-def sha256(path: Path) -> str:
-    """Hex digest of a file, so a report names exactly which weights it scored."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_metrics(out: Path, metrics: dict[str, Any]) -> Path:

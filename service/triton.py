@@ -19,6 +19,22 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
 
 import numpy as np
 
+from deploy.triton.spec import (
+    AVATAR_ID,
+    AVATAR_ID_PATTERN,
+    FRAMES,
+    GENERATOR,
+    IDENTITY,
+    IDENTITY_ENCODER,
+    IMAGES,
+    MASK,
+    MODELS,
+    POSE,
+    POSE_ENCODER,
+    REENACT,
+    RGB,
+)
+
 if TYPE_CHECKING:  # the adapter itself depends on no service module
     from service.config import Settings
 
@@ -26,27 +42,13 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# --- the wire contract, client side (same strings as deploy/triton/spec.py) -----------------
+# --- the wire contract, client side: the server's names (deploy/triton/spec.py, constants only)
 
-IDENTITY_ENCODER: Final = "identity_encoder"
-POSE_ENCODER: Final = "pose_encoder"
-GENERATOR: Final = "generator"
-REENACT: Final = "reenact"
-ALL_MODELS: Final = (IDENTITY_ENCODER, POSE_ENCODER, GENERATOR, REENACT)
-
-IMAGES: Final = "IMAGES"
-FRAMES: Final = "FRAMES"
-IDENTITY: Final = "IDENTITY"
-POSE: Final = "POSE"
-AVATAR_ID: Final = "AVATAR_ID"
-RGB: Final = "RGB"
-MASK: Final = "MASK"
+ALL_MODELS: Final = MODELS
 
 UINT8: Final = "UINT8"
 FP32: Final = "FP32"
 BYTES: Final = "BYTES"
-
-AVATAR_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 # model -> (inputs, outputs) as {tensor name: Triton datatype}. IDENTITY and AVATAR_ID are
 # alternatives for the generator and reenact models: a model must accept at least one of them.

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from email.message import Message
@@ -32,45 +30,13 @@ from service.webhooks import (
     verify_signature,
     webhook_secret,
 )
+from tests.integration.test_workers import Worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/6"
 TIMEOUT_S = 120.0  # worker start (imports) plus a sweep, on 2 shared cores
-
-
-def start_events_worker(env: dict[str, str], tmp: Path) -> subprocess.Popen[bytes]:
-    """`celery worker -Q events -B`: the webhook and upkeep worker with beat inside."""
-    with (tmp / "worker.log").open("ab") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers.celery_app",
-                "worker",
-                "-Q",
-                "events",
-                "-B",
-                "-s",
-                str(tmp / "beat-schedule"),  # not the repository root
-                "-c",
-                "1",
-                "--pool",
-                "solo",
-                "--loglevel",
-                "INFO",
-                "-n",
-                "events@%h",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 def test_a_canceled_job_s_webhook_arrives_signed(tmp_path: Path) -> None:
@@ -128,7 +94,11 @@ def test_a_canceled_job_s_webhook_arrives_signed(tmp_path: Path) -> None:
         session.flush()
         tenant_id, job_id = tenant.id, job.id
 
-    worker = start_events_worker(env, tmp_path)
+    # The webhook and upkeep worker, with beat inside (its schedule file not in the repo).
+    worker = Worker(
+        env, tmp_path / "worker.log", "events", queues="events", beat_schedule=tmp_path / "beat"
+    )
+    worker.start()
     try:
         with TestClient(create_app(settings)) as client:
             r = client.post(f"/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {key}"})
@@ -157,13 +127,7 @@ def test_a_canceled_job_s_webhook_arrives_signed(tmp_path: Path) -> None:
         time.sleep(1.5)  # a few more sweeps: a delivered event is not sent again
         assert len(received) == 1
     finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait(timeout=10)
+        worker.kill(signal.SIGTERM)
         server.shutdown()
         server.server_close()
         engine.dispose()

@@ -84,9 +84,14 @@ class Worker:
             )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the process group; SIGKILL it if it outlives 30 s."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
