@@ -32,6 +32,19 @@ RUN python -m venv /opt/venv \
     && pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" -r torch-requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
 
+# The demo page's browser libraries (onnxruntime-web, mediapipe tasks-vision) at
+# web/package-lock.json's pins, and the face detector model from the mediapipe wheel just
+# installed, into /build/web/dist (what `make web` does). Debian's Node.js and npm stay in
+# this stage.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nodejs npm \
+    && rm -rf /var/lib/apt/lists/*
+COPY web/package.json web/package-lock.json web/build.mjs web/
+RUN npm ci --prefix web --ignore-scripts --no-audit --no-fund \
+    && node web/build.mjs --face-model \
+        /opt/venv/lib/python3.11/site-packages/mediapipe/modules/face_detection/face_detection_short_range.tflite
+
 # --- runtime: the venv, the code, a non-root user ----------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 
@@ -52,6 +65,7 @@ RUN apt-get update \
     && chown -R 10001:10001 /data /triton
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /build/web/dist /app/web/dist
 
 # Named volumes mounted on /data/* and /triton start out owned by the user above.
 ENV PATH=/opt/venv/bin:$PATH \

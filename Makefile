@@ -3,16 +3,37 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+WEB_STAMP := web/dist/.built
 
-.PHONY: setup test test-unit lint format bench summary triton-repo triton run demo docs clean
+.PHONY: setup web test test-unit lint format bench summary triton-repo triton run demo docs clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(WEB_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .  # the `reenact` command
 	touch $(STAMP)
+
+# The demo page's browser libraries (onnxruntime-web, mediapipe tasks-vision) at
+# web/package-lock.json's pins, plus mediapipe's face detector model from the venv, copied into
+# web/dist (gitignored, served at /vendor). Without npm the page works but its pose mode
+# does not: setup warns and goes on.
+FACE_MODEL = $(shell $(PY) -c "import importlib.util as u, pathlib as p; \
+	print(p.Path(u.find_spec('mediapipe').origin).parent \
+	/ 'modules/face_detection/face_detection_short_range.tflite')")
+
+web: $(STAMP)  ## the demo page's vendor files -> web/dist (npm ci; no CDN at run time)
+	npm ci --prefix web --ignore-scripts --no-audit --no-fund
+	node web/build.mjs --face-model "$(FACE_MODEL)"
+	touch $(WEB_STAMP)
+
+$(WEB_STAMP): web/package.json web/package-lock.json web/build.mjs $(STAMP)
+	@if command -v npm >/dev/null && command -v node >/dev/null; then \
+		$(MAKE) --no-print-directory web; \
+	else \
+		echo "warning: npm/node not found: the demo page's pose mode needs 'make web'" >&2; \
+	fi
 
 test: setup  ## the full suite except GPU tests (what CI runs)
 	$(PY) -m pytest -m "not gpu"
@@ -54,4 +75,4 @@ docs: setup  ## regenerate docs/configuration.md from service.config.Settings
 	$(PY) -m scripts.settings_reference > docs/configuration.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache web/node_modules web/dist

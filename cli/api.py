@@ -134,6 +134,11 @@ class Client:
                 files.append(("background_image", (options.background_image.name, image)))
             return dict(self._call("POST", "/v1/reenactments", data=data, files=files))
 
+    # --- models ----------------------------------------------------------------------------
+    def pose_encoder_contract(self) -> dict[str, Any]:
+        """What a pose-only stream client runs and sends (`GET /v1/models/pose-encoder`)."""
+        return dict(self._call("GET", "/v1/models/pose-encoder"))
+
     def download(self, path: str, out: Path) -> Path:
         """Stream a result file to `out` (written beside it, then renamed)."""
         tmp = out.with_name(f".{out.name}.partial")

@@ -4,7 +4,7 @@
     reenact avatar list
     reenact job wait JOB_ID                                     # progress bar
     reenact video --avatar AVATAR_ID talk.mp4 -o me-talking.mp4 [--output webm] [--paste-back]
-    reenact stream --avatar AVATAR_ID --source webcam|0|clip.mp4 [-o out.mp4]
+    reenact stream --avatar AVATAR_ID --source webcam|0|clip.mp4 [-o out.mp4] [--pose-only]
     reenact local --photos me.jpg --checkpoint ckpt.safetensors talk.mp4 -o out.mp4   # no server
 
 The service and key come from --url/--key or LPD_API_URL/LPD_API_KEY. Exit status: 0 done,
@@ -133,10 +133,24 @@ def video(args: argparse.Namespace) -> int:
 
 
 def stream(args: argparse.Namespace) -> int:
-    from cli.live import run_stream  # websockets, cv2: only for this command
+    from cli.live import run_pose_stream, run_stream  # websockets, cv2: only for this command
 
     if not args.key:
         raise UsageError("no API key: pass --key or set LPD_API_KEY")
+    if args.pose_only:
+        report = run_pose_stream(
+            args.url,
+            args.key,
+            args.avatar,
+            args.source,
+            args.out,
+            args.fps,
+            args.frames,
+            precision=args.precision,
+            cache=args.model_cache,
+        )
+        print(report, file=sys.stderr)
+        return 0
     summary = run_stream(
         args.url, args.key, args.avatar, args.source, args.out, args.fps, args.frames
     )
@@ -202,9 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stream", help="live: webcam or a video file through the stream")
     p.add_argument("--avatar", required=True)
     p.add_argument("--source", default="webcam", help="webcam, a camera index, or a video file")
-    p.add_argument("-o", "--out", type=Path, help="save the returned frames as a video")
+    p.add_argument(
+        "-o", "--out", type=Path, help="save the returned frames: a video (.mp4) or a folder"
+    )
     p.add_argument("--fps", type=float, default=15.0, help="frames sent per second")
     p.add_argument("--frames", type=int, help="stop after this many frames")
+    p.add_argument(
+        "--pose-only",
+        action="store_true",
+        help="crop and encode here (ONNX), send 2 x D bytes of float16 pose per frame",
+    )
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="--pose-only")
+    p.add_argument(
+        "--model-cache",
+        type=Path,
+        help="--pose-only: where downloaded encoders are kept (default ~/.cache/lpd/pose-encoder)",
+    )
     p.set_defaults(run=stream)
 
     p = sub.add_parser("local", help="run the model in this process (no server)")

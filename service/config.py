@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     job_result_ttl_s: int = Field(
         default=7 * 24 * 3600, gt=0, description="How long finished jobs' result files are kept."
     )
+    pose_track_ttl_s: int = Field(
+        default=30 * 24 * 3600,
+        gt=0,
+        description="How long a pose track's files (descriptors, audio, driver video) are kept "
+        "after it is created; then it reads `expired`.",
+    )
 
     # --- storage: an S3-compatible bucket (optional) -------------------------------------
     storage: Literal["local", "s3"] = Field(
@@ -127,6 +133,17 @@ class Settings(BaseSettings):
     max_video_fps: float = Field(default=60.0, gt=0, description="Frame rate of a driving video.")
     max_background_bytes: int = Field(
         default=20 * MiB, gt=0, description="Size of an uploaded background image."
+    )
+    max_render_frames: int = Field(
+        default=3000,
+        ge=1,
+        description="Frames of one pose-space render (`POST /v1/avatars/{id}/render`): explicit "
+        "poses, keyframes and retimed tracks alike.",
+    )
+    max_batch_avatars: int = Field(
+        default=20,
+        ge=1,
+        description="Avatars one `POST /v1/reenactments/batch` may drive with a pose track.",
     )
 
     # --- workers (Celery) -----------------------------------------------------------------
@@ -226,6 +243,16 @@ class Settings(BaseSettings):
     stream_idle_timeout_s: float = Field(
         default=30.0, gt=0, description="A stream with no client message for this long is closed."
     )
+    pose_encoder_dir: Path | None = Field(
+        default=None,
+        description="The pose encoder's ONNX files for pose-only stream clients "
+        "(`GET /v1/models/pose-encoder/*.onnx`), exported from `base_checkpoint` on the first "
+        "download into `<dir>/<version>/` (in a subprocess: torch stays out of the API) or "
+        "beforehand by `python -m service.pose_encoder`. None: `<artifacts_dir>/pose-encoder`.",
+    )
+    pose_encoder_export_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest the pose encoder's ONNX export may take."
+    )
 
     # --- abuse control -------------------------------------------------------------------
     rate_limit_per_minute: int = Field(
@@ -250,6 +277,9 @@ class Settings(BaseSettings):
     )
     max_avatars_per_tenant: int = Field(
         default=100, ge=0, description="Stored avatars per tenant (failed ones count too)."
+    )
+    max_pose_tracks_per_tenant: int = Field(
+        default=100, ge=0, description="Stored pose tracks per tenant (failed ones count too)."
     )
     max_active_jobs_per_tenant: int = Field(
         default=10, ge=0, description="Queued plus running jobs per tenant, of every kind."

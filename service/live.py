@@ -4,6 +4,8 @@
 Per frame: JPEG -> face box (smoothed per connection, held through misses) -> crop -> Triton
 `reenact` (batch 1) -> the crop, or pasted back into the frame -> JPEG. `LatestFrame` sits
 between receiving and processing so a slow server drops old frames instead of queueing them.
+Pose mode (`PoseSession`): the client encodes its own crops and sends float16 pose
+descriptors; the server runs only the generator.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import io
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, replace
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,20 +28,25 @@ from media.faces import FaceDetector
 from media.geometry import Box
 from media.smoothing import BoxSmoother
 from service.condition import Condition
-from service.triton import Renderer
+from service.triton import Rendered, Renderer
 
 # --- close codes (4xxx mirror the HTTP statuses; 1011 and 1013 are RFC 6455's) ---------------
 
+CLOSE_BAD_REQUEST: Final = 4400
 CLOSE_UNAUTHORIZED: Final = 4401
 CLOSE_NOT_FOUND: Final = 4404
 CLOSE_IDLE: Final = 4408
 CLOSE_NOT_READY: Final = 4409
+CLOSE_VERSION_MISMATCH: Final = 4412
 CLOSE_TOO_MANY_STREAMS: Final = 4429
 CLOSE_INTERNAL_ERROR: Final = 1011
 CLOSE_TRY_AGAIN_LATER: Final = 1013
 
 # Latency buckets for a real-time frame: a 25 fps stream has 40 ms per frame.
 _LATENCY_BUCKETS: Final = (0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Pose descriptors are O(1) (the demo's reach about 4); far beyond is a client bug, not a pose.
+MAX_POSE_VALUE: Final = 1e4
+StreamMode = Literal["frames", "pose"]
 
 
 class StreamRefused(Exception):
@@ -64,6 +71,18 @@ class FrameError(Exception):
 StreamBackend = Renderer
 
 
+class PoseRenderer(Protocol):
+    """What a pose-mode stream needs: the generator alone (service.triton.TritonBackend)."""
+
+    def render(
+        self, poses: np.ndarray, identity: np.ndarray | None = None, avatar_id: str | None = None
+    ) -> Rendered: ...
+
+
+class LiveBackend(Renderer, PoseRenderer, Protocol):
+    """What a stream of either mode needs (service.triton.TritonBackend; fakes in tests)."""
+
+
 # --- client messages -------------------------------------------------------------------------
 
 
@@ -83,8 +102,10 @@ class _ConfigMessage(BaseModel):
     format: Literal["jpeg"] | None = None
 
 
-def apply_config(text: str, options: StreamOptions) -> StreamOptions:
-    """Options after a text control message; fields it leaves out keep their values."""
+def apply_config(text: str, options: StreamOptions, mode: StreamMode = "frames") -> StreamOptions:
+    """Options after a text control message; fields it leaves out keep their values.
+
+    Pose mode refuses `paste_back: true`: there is no frame to paste into."""
     try:
         message = _ConfigMessage.model_validate_json(text)
     except ValidationError as exc:
@@ -95,8 +116,36 @@ def apply_config(text: str, options: StreamOptions) -> StreamOptions:
             'text messages must be {"type": "config", "paste_back": bool, "format": "jpeg"}; '
             f"{where}: {first.get('msg', 'invalid')}",
         ) from None
+    if mode == "pose" and message.paste_back:
+        raise FrameError(
+            "bad_message", "paste_back is not available in pose mode: there is no frame"
+        )
     changes = message.model_dump(exclude_unset=True, exclude={"type"})
     return replace(options, **{k: v for k, v in changes.items() if v is not None})
+
+
+def decode_pose(data: bytes, dim: int) -> np.ndarray:
+    """One pose descriptor message -> float32 (1, dim); FrameError `bad_pose_size` or
+    `bad_pose_values` otherwise."""
+    expected = 2 * dim
+    if len(data) != expected:
+        hint = ""
+        if len(data) == 4 * dim:
+            hint = " (that is float32-sized: convert the descriptor to float16)"
+        raise FrameError(
+            "bad_pose_size",
+            f"a pose descriptor is {dim} little-endian float16 values = {expected} bytes, "
+            f"got {len(data)}{hint}",
+        )
+    pose = np.frombuffer(data, dtype="<f2").astype(np.float32)[None]  # (1, D)
+    if not np.isfinite(pose).all():
+        raise FrameError("bad_pose_values", "the pose descriptor contains NaN or infinity")
+    if np.abs(pose).max() > MAX_POSE_VALUE:
+        raise FrameError(
+            "bad_pose_values",
+            f"pose descriptor values must be within +-{MAX_POSE_VALUE:g}; is it float16?",
+        )
+    return pose
 
 
 def decode_jpeg(data: bytes, max_pixels: int) -> np.ndarray:
@@ -176,6 +225,7 @@ class Reply:
 
     face: bool  # a face was detected in this frame
     image: bytes | None  # JPEG; None while no face has been seen on this connection yet
+    render_ms: float | None = None  # pose mode: the generator call
 
 
 class LiveSession:
@@ -231,6 +281,37 @@ class LiveSession:
         else:
             out = rendered.to_uint8()[0][0]  # premultiplied: the generator's black background
         return Reply(face=detected, image=encode_jpeg(out, self.jpeg_quality))
+
+
+class PoseSession:
+    """One pose-mode connection: descriptors in, the avatar rendered by the generator out."""
+
+    def __init__(
+        self, backend: PoseRenderer, condition: Condition, pose_dim: int, *, jpeg_quality: int
+    ) -> None:
+        self.backend = backend
+        self.condition = condition
+        self.pose_dim = pose_dim
+        self.jpeg_quality = jpeg_quality
+
+    def check(self, data: bytes) -> None:
+        """FrameError unless `data` is one usable descriptor (cheap: done on receipt, so a bad
+        message never displaces a good one waiting)."""
+        decode_pose(data, self.pose_dim)
+
+    def process(self, frame: Frame, options: StreamOptions) -> Reply:
+        """Render one descriptor and encode it (blocking: run it in a worker thread).
+
+        Raises FrameError for a bad descriptor and `service.triton.TritonError` from inference.
+        """
+        pose = decode_pose(frame.data, self.pose_dim)
+        cond = self.condition
+        start = time.perf_counter()
+        rendered = self.backend.render(pose, identity=cond.identity, avatar_id=cond.avatar_id)
+        render_ms = 1000 * (time.perf_counter() - start)
+        out = rendered.to_uint8()[0][0]  # premultiplied: the generator's black background
+        image = encode_jpeg(out, self.jpeg_quality)
+        return Reply(face=True, image=image, render_ms=round(render_ms, 2))
 
 
 # --- per-process bookkeeping -----------------------------------------------------------------

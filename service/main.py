@@ -26,10 +26,20 @@ from prometheus_client import (
 from redis import Redis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.routes import avatars, files, health, jobs, reenactments, stream
+from service.api.routes import (
+    avatars,
+    files,
+    health,
+    jobs,
+    models,
+    pose_tracks,
+    reenactments,
+    render,
+    stream,
+)
 from service.config import Settings, get_settings
 from service.db import create_db_engine, create_session_factory
-from service.errors import install_error_handlers
+from service.errors import ApiError, install_error_handlers
 from service.live import LiveStreams
 from service.queue import CeleryQueue, create_celery
 from service.ratelimit import RateLimiter, RateLimitHeaders
@@ -42,6 +52,9 @@ TEARDOWN_THREADS = 8
 UNMATCHED_ROUTE = "<unmatched>"  # one label for every unknown path, so scans can't add series
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the demo page (no build step)
 STATIC_PATH = "/static"
+# The page's browser libraries (onnxruntime-web, mediapipe tasks-vision), built by `make web`.
+VENDOR_DIR = Path(__file__).resolve().parents[1] / "web" / "dist"
+VENDOR_PATH = "/vendor"
 
 
 class HttpMetrics:
@@ -154,16 +167,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = HttpMetrics()
     app.state.live = LiveStreams(app.state.metrics.registry, settings.max_streams_per_tenant)
     app.add_middleware(RateLimitHeaders)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, mounts=(STATIC_PATH,))
+    app.add_middleware(
+        MetricsMiddleware, metrics=app.state.metrics, mounts=(STATIC_PATH, VENDOR_PATH)
+    )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(avatars.router)
     app.include_router(jobs.router)
     app.include_router(reenactments.router)
+    app.include_router(pose_tracks.router)
+    app.include_router(render.router)
     app.include_router(files.router)
     app.include_router(stream.router)
+    app.include_router(models.router)
     # The demo page: `/` and `/static/*` are routes too, so metrics label them by template.
     app.mount(STATIC_PATH, StaticFiles(directory=STATIC_DIR), name="static")
+    if VENDOR_DIR.is_dir():
+        app.mount(VENDOR_PATH, StaticFiles(directory=VENDOR_DIR), name="vendor")
+    else:
+
+        @app.get(VENDOR_PATH + "/{path:path}", include_in_schema=False)
+        def vendor_not_built(path: str) -> None:
+            raise ApiError(
+                404,
+                "web_not_built",
+                "the demo page's browser libraries are not built: run `make web`",
+            )
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -1,5 +1,5 @@
-"""The service's tables (SQLAlchemy 2 typed ORM): tenants, API keys, avatars, jobs, webhook
-deliveries and idempotency records. Every row a client can see carries its tenant id.
+"""The service's tables (SQLAlchemy 2 typed ORM): tenants, API keys, avatars, pose tracks, jobs,
+webhook deliveries and idempotency records. Every row a client can see carries its tenant id.
 
 A change here needs a new revision in service/migrations/versions (tests compare the two).
 """
@@ -103,7 +103,13 @@ class JobKind(enum.StrEnum):
     # Values are VARCHAR(16) without a CHECK constraint: a new one needs no migration.
     PREPROCESS = "preprocess"  # a zero-shot avatar: photos -> crops -> identity embedding
     FINETUNE = "finetune"  # preprocess, then fine-tune (one job, two stages)
-    REENACT = "reenact"
+    REENACT = "reenact"  # a driver video or a stored pose track -> the avatar performing it
+    POSE_TRACK = "pose_track"  # a driver video -> its per-frame pose descriptors, stored
+    RENDER = "render"  # explicit poses (list, keyframes, retimed track) -> the avatar
+
+
+# Jobs of these kinds write result files to their job folder (downloads, retention).
+RESULT_KINDS = frozenset({JobKind.REENACT, JobKind.RENDER})
 
 
 class FineTune(enum.StrEnum):
@@ -119,6 +125,13 @@ class AvatarStatus(enum.StrEnum):
     TRAINING = "training"  # a fine-tune job is running
     READY = "ready"
     FAILED = "failed"
+
+
+class PoseTrackStatus(enum.StrEnum):
+    PENDING = "pending"  # its job has not stored the descriptors yet
+    READY = "ready"
+    FAILED = "failed"  # its job failed or was canceled
+    EXPIRED = "expired"  # past `pose_track_ttl_s`: the files are gone, the row stays
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -170,8 +183,42 @@ class Avatar(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
+class PoseTrack(Base):
+    """A driver performance stored as per-frame pose descriptors (paper Sec. 3: identity-free
+    latent pose vectors), reusable to drive any avatar without decoding the video again.
+
+    Its files (descriptors, crop boxes, audio, and the video itself when kept for paste-back)
+    live under the artifact store's `pose_tracks/<id>/`; the row holds what clients query.
+    """
+
+    __tablename__ = "pose_tracks"
+    __table_args__ = (Index("ix_pose_tracks_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[PoseTrackStatus] = mapped_column(
+        _enum(PoseTrackStatus, "pose_track_status"), default=PoseTrackStatus.PENDING
+    )
+    job_id: Mapped[str | None] = mapped_column(String(36))  # the job that encodes it
+    frames: Mapped[int | None] = mapped_column(Integer)
+    fps: Mapped[float | None] = mapped_column(Float)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    dim: Mapped[int | None] = mapped_column(Integer)  # D_pose
+    face_frames: Mapped[int | None] = mapped_column(Integer)  # frames with a detected face
+    width: Mapped[int | None] = mapped_column(Integer)  # of the driver video
+    height: Mapped[int | None] = mapped_column(Integer)
+    audio: Mapped[bool] = mapped_column(Boolean, default=False)
+    keep_video: Mapped[bool] = mapped_column(Boolean, default=True)  # for paste-back
+    encoder: Mapped[str | None] = mapped_column(String(64))  # pose encoder fingerprint
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
 class Job(Base):
-    """A fine-tune or reenactment run. `status` only moves through service.jobs.transition."""
+    """A fine-tune, reenactment, pose-track or render run. `status` only moves through
+    service.jobs.transition."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -193,6 +240,10 @@ class Job(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     result: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     avatar_id: Mapped[str | None] = mapped_column(ForeignKey("avatars.id", ondelete="SET NULL"))
+    # The track a job makes (kind pose_track) or is driven by (reenact from a track).
+    pose_track_id: Mapped[str | None] = mapped_column(
+        ForeignKey("pose_tracks.id", ondelete="SET NULL"), index=True
+    )
     callback_url: Mapped[str | None] = mapped_column(String(2048))
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # times a worker started it
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -1,7 +1,7 @@
-"""Periodic upkeep, run by beat as `maintenance.cleanup`: delete reenactment results past
-`job_result_ttl_s` (the job row stays, marked expired), abandoned upload staging, old
-webhook rows and idempotency records. Every step is idempotent: the next run finishes an
-interrupted one.
+"""Periodic upkeep, run by beat as `maintenance.cleanup`: delete reenactment and render
+results past `job_result_ttl_s` (the job row stays, marked expired), pose tracks' files past
+their `expires_at` (the row stays, `expired`), abandoned upload staging, old webhook rows and
+idempotency records. Every step is idempotent: the next run finishes an interrupted one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.db import session_scope
 from service.idempotency import purge_idempotency
 from service.jobs import TERMINAL
-from service.models import Job, JobKind, JobStatus, WebhookDelivery, utcnow
+from service.models import (
+    RESULT_KINDS,
+    Job,
+    JobKind,
+    JobStatus,
+    PoseTrack,
+    PoseTrackStatus,
+    WebhookDelivery,
+    utcnow,
+)
+from service.pose_tracks import track_dir
 from service.queue import FINETUNE_TASK, PREPROCESS_TASK, REENACT_TASK
 from service.storage import ArtifactStore
 from workers.runtime import WorkerContext
@@ -35,6 +45,7 @@ BATCH: Final = 200
 @dataclass(frozen=True)
 class CleanupReport:
     expired_jobs: int
+    expired_pose_tracks: int
     removed_uploads: int
     deleted_deliveries: int
     purged_idempotency: int
@@ -47,6 +58,7 @@ def cleanup(ctx: WorkerContext, now: datetime | None = None) -> CleanupReport:
     cutoff = now - timedelta(seconds=settings.job_result_ttl_s)
     report = CleanupReport(
         expired_jobs=expire_results(ctx.sessions, ctx.store, cutoff),
+        expired_pose_tracks=expire_pose_tracks(ctx.sessions, ctx.store, now),
         removed_uploads=remove_stale_uploads(ctx.store.root, now.timestamp() - STALE_UPLOAD_S),
         deleted_deliveries=_in_session(ctx.sessions, delete_old_deliveries, cutoff),
         purged_idempotency=_in_session(
@@ -60,9 +72,9 @@ def cleanup(ctx: WorkerContext, now: datetime | None = None) -> CleanupReport:
 
 
 def expire_results(sessions: sessionmaker[Session], store: ArtifactStore, before: datetime) -> int:
-    """Delete the files of reenactment jobs that finished before `before` (here and in the
-    bucket), then set their `result["expired"]`; files go first, so a crash in between is
-    redone, never leaked.
+    """Delete the files of reenactment and render jobs that finished before `before` (here
+    and in the bucket), then set their `result["expired"]`; files go first, so a crash in
+    between is redone, never leaked.
 
     Preprocess and fine-tune jobs are left alone: their results are the avatar's files,
     which live as long as the avatar.
@@ -74,7 +86,7 @@ def expire_results(sessions: sessionmaker[Session], store: ArtifactStore, before
             rows = session.execute(
                 select(Job.id, Job.tenant_id)
                 .where(
-                    Job.kind == JobKind.REENACT,
+                    Job.kind.in_(RESULT_KINDS),
                     Job.status.in_(TERMINAL),
                     Job.finished_at < before,
                     not_expired,
@@ -94,6 +106,43 @@ def expire_results(sessions: sessionmaker[Session], store: ArtifactStore, before
                 if job is not None:
                     job.result = {**(job.result or {}), "expired": True}
         done.update(job_id for job_id, _ in batch)
+
+
+def expire_pose_tracks(sessions: sessionmaker[Session], store: ArtifactStore, now: datetime) -> int:
+    """Delete the files of pose tracks whose `expires_at` passed (here and in the bucket),
+    then mark them `expired`. A track still driving an unfinished job waits for the next
+    run: its job reads the files."""
+    busy = (
+        select(Job.id)
+        .where(Job.pose_track_id == PoseTrack.id, Job.status.not_in(TERMINAL))
+        .exists()
+    )
+    done: set[str] = set()
+    while True:
+        with session_scope(sessions) as session:
+            rows = session.execute(
+                select(PoseTrack.id, PoseTrack.tenant_id)
+                .where(
+                    PoseTrack.status != PoseTrackStatus.EXPIRED,
+                    PoseTrack.expires_at < now,
+                    ~busy,
+                )
+                .order_by(PoseTrack.expires_at, PoseTrack.id)
+                .limit(BATCH)
+            ).all()
+        batch = [(track_id, tenant_id) for track_id, tenant_id in rows if track_id not in done]
+        if not batch:
+            return len(done)
+        for track_id, tenant_id in batch:
+            folder = track_dir(store, tenant_id, track_id)
+            store.drop_dir(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        with session_scope(sessions) as session:
+            for track_id, _ in batch:
+                track = session.get(PoseTrack, track_id)
+                if track is not None:
+                    track.status = PoseTrackStatus.EXPIRED
+        done.update(track_id for track_id, _ in batch)
 
 
 def remove_stale_uploads(root: Path, before_ts: float) -> int:
@@ -177,7 +226,7 @@ def requeue_stalled(ctx: WorkerContext, now: datetime | None = None) -> list[str
 
 
 def _task_of(kind: JobKind, stage: str | None) -> str:
-    if kind is JobKind.REENACT:
+    if kind in (JobKind.REENACT, JobKind.POSE_TRACK, JobKind.RENDER):  # the reenact queue
         return REENACT_TASK
     if kind is JobKind.FINETUNE and stage == "finetune_queued":  # preprocess is done
         return FINETUNE_TASK

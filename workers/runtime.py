@@ -142,7 +142,7 @@ def claim(ctx: WorkerContext, job_id: str, stage: str) -> Claimed | None:
         return Claimed(
             id=job.id,
             tenant_id=job.tenant_id,
-            avatar_id=str(job.params["avatar_id"]),
+            avatar_id=str(job.params.get("avatar_id") or ""),  # none for a pose-track job
             kind=job.kind.value,
             params=dict(job.params),
             attempts=job.attempts,

@@ -69,10 +69,12 @@ def cleanup(self: Task) -> None:
 
 @app.task(name=REENACT_TASK, bind=True, queue=REENACT_QUEUE, max_retries=None)
 def reenact(self: Task, job_id: str) -> None:
-    """Render the avatar with a driver video through Triton."""
-    from workers.reenact import reenact_job
+    """Every job of the reenact (GPU) queue, by kind: a reenactment (driver video or pose
+    track), a pose track's encoding, or a pose-space render."""
+    from workers.pose_tracks import run_reenact_queue_job, sync_track_status
 
-    run_task(self, job_id, reenact_job)
+    run_task(self, job_id, run_reenact_queue_job)
+    sync_track_status(default_context(self.app), job_id)
     webhooks.dispatch_job_events(default_context(self.app), job_id)
 
 

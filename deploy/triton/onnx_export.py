@@ -11,6 +11,11 @@ The TorchScript-based exporter (`dynamo=False`) is used: torch 2.14 still ships 
 flow for tracing to miss.
 
     python -m deploy.triton.onnx_export CHECKPOINT OUT_DIR [--opset 17] [--fp16] [--verify]
+    python -m deploy.triton.onnx_export CHECKPOINT OUT_DIR --pose-encoder [--verify]
+
+`--pose-encoder` writes only the pose encoder, as fp32.onnx and fp16.onnx (the same uint8
+FRAMES in, float32 POSE out): the files `GET /v1/models/pose-encoder/*.onnx` serves to
+pose-only stream clients, which compute descriptors themselves.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     spec.POSE_ENCODER: (spec.POSE,),
     spec.GENERATOR: (spec.RGB, spec.MASK),
 }
+# `export_pose_encoder`'s files, by precision.
+POSE_ENCODER_FILES: dict[str, str] = {"fp32": "fp32.onnx", "fp16": "fp16.onnx"}
 # Symbolic leading dimensions: K photos for the (unbatched) identity encoder, B otherwise.
 DYNAMIC_AXES: dict[str, dict[str, dict[int, str]]] = {
     spec.IDENTITY_ENCODER: {spec.IMAGES: {0: "K"}},
@@ -216,40 +223,73 @@ def export_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     wrappers = export_wrappers(model, fp16)
     inputs = example_inputs(model)
+    return {
+        name: _trace(wrappers[name], inputs[name], name, out_dir / f"{name}.onnx", model, opset)
+        for name in MODEL_NAMES
+    }
+
+
+def export_pose_encoder(model: InferenceModel, out_dir: Path, opset: int = 17) -> dict[str, Path]:
+    """Write the pose encoder alone as fp32.onnx and fp16.onnx into `out_dir`, by precision.
+
+    Both take uint8 FRAMES and return float32 POSE; fp16.onnx holds half weights and computes
+    in half inside (half the download; onnxruntime's CPU provider casts around the few
+    kernels it lacks). Same atomic write as `export_onnx`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = model.config.image_size
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=gen)
     paths: dict[str, Path] = {}
-    for name in MODEL_NAMES:
-        path = out_dir / f"{name}.onnx"
-        tmp = out_dir / f".{name}.{os.getpid()}.onnx.tmp"
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                # The legacy exporter's deprecation notice, and a false alarm about
-                # instance_norm's train flag (it always uses per-sample statistics).
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.filterwarnings("ignore", message=".*instance_norm.*train=True")
-                # instance_norm's eager check that a map has more than one pixel.
-                warnings.filterwarnings(
-                    "ignore", category=torch.jit.TracerWarning, module="torch.nn.functional"
-                )
-                torch.onnx.export(
-                    wrappers[name],
-                    inputs[name],
-                    str(tmp),
-                    dynamo=False,
-                    input_names=list(INPUTS[name]),
-                    output_names=list(OUTPUTS[name]),
-                    dynamic_axes=DYNAMIC_AXES[name],
-                    opset_version=opset,
-                    do_constant_folding=True,
-                )
-            proto = onnx.load(str(tmp))
-            _pin_interface(proto, interface(model.config)[name])
-            onnx.save(proto, str(tmp))
-            onnx.checker.check_model(str(tmp), full_check=True)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        paths[name] = path
+    for precision, file in POSE_ENCODER_FILES.items():
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        wrapper = PoseEncoderExport(_export_copy(model.net.pose_encoder, dtype), dtype).eval()
+        paths[precision] = _trace(
+            wrapper, (frames,), spec.POSE_ENCODER, out_dir / file, model, opset
+        )
     return paths
+
+
+def _trace(
+    wrapper: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    name: str,
+    path: Path,
+    model: InferenceModel,
+    opset: int,
+) -> Path:
+    """Trace `wrapper` as the graph of model `name` (the spec's tensor names) into `path`."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The legacy exporter's deprecation notice, and a false alarm about
+            # instance_norm's train flag (it always uses per-sample statistics).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*instance_norm.*train=True")
+            # instance_norm's eager check that a map has more than one pixel.
+            warnings.filterwarnings(
+                "ignore", category=torch.jit.TracerWarning, module="torch.nn.functional"
+            )
+            torch.onnx.export(
+                wrapper,
+                inputs,
+                str(tmp),
+                dynamo=False,
+                input_names=list(INPUTS[name]),
+                output_names=list(OUTPUTS[name]),
+                dynamic_axes=DYNAMIC_AXES[name],
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        _pin_interface(proto, interface(model.config)[name])
+        onnx.save(proto, str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _pin_interface(
@@ -327,6 +367,21 @@ def verify_onnx(
     return errors
 
 
+def verify_pose_encoder(
+    model: InferenceModel, onnx_dir: Path, batch: int = 3, seed: int = 0
+) -> dict[str, float]:
+    """Max abs difference of `export_pose_encoder`'s files from `InferenceModel.encode_pose`,
+    by precision, on random uint8 frames."""
+    size = model.config.image_size
+    gen = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen)
+    expected = model.encode_pose(frames).cpu().numpy()
+    return {
+        precision: float(np.abs(run_onnx(Path(onnx_dir) / file, [frames])[0] - expected).max())
+        for precision, file in POSE_ENCODER_FILES.items()
+    }
+
+
 # --- CLI -------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -339,17 +394,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--verify", action="store_true", help="compare onnxruntime (CPU) with eager torch"
     )
+    parser.add_argument(
+        "--pose-encoder",
+        action="store_true",
+        help="only the pose encoder, as fp32.onnx and fp16.onnx (pose-only stream clients)",
+    )
     args = parser.parse_args(argv)
 
     model = InferenceModel.from_checkpoint(args.checkpoint)
     start = time.perf_counter()
-    paths = export_onnx(model, args.out_dir, opset=args.opset, fp16=args.fp16)
+    if args.pose_encoder:
+        paths = export_pose_encoder(model, args.out_dir, opset=args.opset)
+    else:
+        paths = export_onnx(model, args.out_dir, opset=args.opset, fp16=args.fp16)
     elapsed = time.perf_counter() - start
     for name, path in paths.items():
         print(f"{name}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     print(f"exported in {elapsed:.1f} s")
     if args.verify:
-        for name, error in verify_onnx(model, args.out_dir).items():
+        verify = verify_pose_encoder if args.pose_encoder else verify_onnx
+        for name, error in verify(model, args.out_dir).items():
             print(f"{name}: max abs error {error:.3g}")
     return 0
 

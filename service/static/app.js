@@ -19,10 +19,12 @@
     1006: "the connection was refused or lost (a wrong API key is refused at the handshake)",
     1011: "the server failed to process a frame",
     1013: "the inference server is unavailable; try again later",
+    4400: "the server did not accept the stream's parameters",
     4401: "invalid API key",
     4404: "no such avatar",
     4408: "closed after being idle",
     4409: "the avatar is not ready yet",
+    4412: "the server's pose encoder changed: start again to download the new one",
     4429: "too many live streams for this tenant",
   };
 
@@ -476,6 +478,24 @@
       showError(new ApiError(0, "no_api_key", "enter an API key first (step 1)"), "Live");
       return;
     }
+    for (const id of ["live-frames", "live-dropped"]) $(id).textContent = "0";
+    for (const id of ["live-latency", "live-bytes", "live-encoder", "live-render"]) {
+      $(id).textContent = "-";
+    }
+    const mode = $("live-mode").value;
+    let pose = null;
+    if (mode === "pose") {
+      $("live-start").disabled = true;
+      try {
+        pose = await preparePose();
+      } catch (exc) {
+        showError(exc, "Pose mode");
+        setLiveStatus("");
+        return;
+      } finally {
+        $("live-start").disabled = false;
+      }
+    }
     let stream;
     try {
       stream = await openCamera(false);
@@ -489,12 +509,17 @@
 
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const path = `/v1/avatars/${encodeURIComponent(avatar.id)}/stream`;
-    const token = encodeURIComponent(apiKey()); // browsers cannot set WebSocket headers
-    const ws = new WebSocket(`${scheme}//${location.host}${path}?token=${token}`);
+    const query = new URLSearchParams({ token: apiKey() }); // browsers cannot set WS headers
+    if (pose) {
+      query.set("mode", "pose");
+      query.set("version", pose.contract.version);
+    }
+    const ws = new WebSocket(`${scheme}//${location.host}${path}?${query}`);
     ws.binaryType = "blob";
     const state = {
       ws,
       stream,
+      pose, // null in frames mode
       seq: 0, // binary messages sent: the server's `seq`
       sentAt: new Map(),
       waiting: false, // a frame is out and its reply has not come
@@ -507,14 +532,14 @@
     live = state;
     $("live-start").disabled = true;
     $("live-stop").disabled = false;
-    $("live-frames").textContent = "0";
-    $("live-dropped").textContent = "0";
-    $("live-latency").textContent = "-";
     setLiveStatus("connecting...");
 
     ws.onopen = () => {
       setLiveStatus("streaming");
-      ws.send(JSON.stringify({ type: "config", paste_back: $("live-paste-back").checked }));
+      // Pose mode has no frame to paste into: the server refuses paste_back there.
+      if (!pose) {
+        ws.send(JSON.stringify({ type: "config", paste_back: $("live-paste-back").checked }));
+      }
       const fps = Number($("live-fps").value);
       if (fps > 0) state.timer = setInterval(() => sendFrame(state), 1000 / fps);
       else sendFrame(state);
@@ -523,6 +548,7 @@
     ws.onclose = (event) => {
       const reason = CLOSE_REASONS[event.code] || event.reason || "closed";
       if (live === state) stopLive(`stream ended: ${reason} (${event.code})`);
+      if (event.code === CLOSE_STALE_ENCODER) forgetPoseEncoder();
       if (event.code !== 1000 && event.code !== 1005) {
         showError(new ApiError(event.code, "stream_closed", reason), "Live");
       }
@@ -532,6 +558,10 @@
   // Grab the current webcam frame as a JPEG and send it; in "after each reply" mode only when
   // no frame is out (a watchdog resends after 5 s).
   function sendFrame(state) {
+    if (state.pose) {
+      sendPose(state);
+      return;
+    }
     if (live !== state || state.ws.readyState !== WebSocket.OPEN || state.encoding) return;
     const paced = Number($("live-fps").value) === 0;
     const camera = $("live-camera");
@@ -593,9 +623,15 @@
       $("live-latency").textContent =
         roundTrip === null ? server : `${roundTrip.toFixed(0)} ms (${server})`;
       $("live-dropped").textContent = String(message.dropped);
+      if (typeof message.render_ms === "number") {
+        if (state.pose) state.pose.stats.renderMs.push(message.render_ms);
+        $("live-render").textContent = `${message.render_ms.toFixed(1)} ms`;
+      }
+      if (state.pose) state.pose.stats.latencyMs.push(message.latency_ms);
       state.frames += 1;
       $("live-frames").textContent = String(state.frames);
-      if (message.face) setLiveStatus("streaming");
+      if (state.pose) setLiveStatus(state.pose.status);
+      else if (message.face) setLiveStatus("streaming");
       else if (message.image) setLiveStatus("no face in this frame: the last box is reused");
       else setLiveStatus("looking for a face...");
       if (message.image) state.expectImage = message;
@@ -632,10 +668,293 @@
       state.stream.getTracks().forEach((t) => t.stop());
     }
     $("live-camera").srcObject = null;
+    clearOverlay();
     $("live-start").disabled = false;
     $("live-stop").disabled = true;
     setLiveStatus(text || "stopped");
   }
+
+  // --- 6b. live, pose mode: the encoder runs here, 2 x D bytes a frame go out ---------------
+
+  const CLOSE_STALE_ENCODER = 4412;
+  const GUIDE_SIDE = 0.45; // the guide box's side, x the shorter side of the camera frame
+  const STATS_KEPT = 300; // samples per statistic (about 10 s at 30 fps)
+
+  // The contract and the encoders built from it, per precision; dropped when the server's
+  // encoder changes (close code 4412) so the next start downloads the new one.
+  let poseCache = null; // {contract, encoders: {fp16: Promise, fp32: Promise}}
+
+  function forgetPoseEncoder() {
+    const cache = poseCache;
+    poseCache = null;
+    if (!cache) return;
+    for (const pending of Object.values(cache.encoders)) {
+      pending.then((encoder) => encoder.release()).catch(() => {});
+    }
+  }
+
+  async function poseContract() {
+    if (poseCache) return poseCache.contract;
+    const contract = await api("/v1/models/pose-encoder");
+    const wire = contract.wire || {};
+    if (wire.dtype !== "float16" || wire.byte_order !== "little") {
+      throw new Error(`unsupported wire format ${JSON.stringify(wire)} (this page sends float16)`);
+    }
+    if (wire.bytes_per_frame !== 2 * contract.pose_dim) {
+      const says = `${wire.bytes_per_frame} bytes a frame for D=${contract.pose_dim}`;
+      throw new Error(`the contract says ${says}: not float16`);
+    }
+    poseCache = { contract, encoders: {} };
+    return contract;
+  }
+
+  // The encoder of `precision`: the ONNX file fetched with the key (the browser's HTTP cache
+  // revalidates it by ETag), then an onnxruntime-web session (wasm, one thread).
+  async function poseEncoder(precision) {
+    const contract = await poseContract();
+    const cache = poseCache;
+    if (!cache.encoders[precision]) {
+      cache.encoders[precision] = (async () => {
+        const path = contract.files[precision];
+        if (!path) throw new Error(`the server has no ${precision} encoder`);
+        const response = await api(path, { raw: true });
+        const version = response.headers.get("X-Model-Version");
+        if (version && version !== contract.version) {
+          forgetPoseEncoder();
+          throw new Error("the server's pose encoder changed while loading; start again");
+        }
+        const bytes = new Uint8Array(await response.arrayBuffer());
+        const encoder = await LpdPose.createEncoder(bytes, contract);
+        encoder.bytes = bytes.length;
+        return encoder;
+      })();
+      cache.encoders[precision].catch(() => {
+        if (poseCache === cache) delete cache.encoders[precision];
+      });
+    }
+    return cache.encoders[precision];
+  }
+
+  async function preparePose() {
+    setLiveStatus("loading the pose encoder...");
+    await LpdPose.loadVendor();
+    const precision = $("pose-precision").value;
+    const cropMode = $("pose-crop").value;
+    const encoder = await poseEncoder(precision);
+    const contract = await poseContract();
+    const crop = contract.crop || {};
+    const smoothing = crop.smoothing || {};
+    let detector = null;
+    if (cropMode === "detector") {
+      setLiveStatus("loading the face detector...");
+      detector = await LpdPose.loadDetector(crop.min_confidence || 0.5);
+    }
+    const size = contract.image_size;
+    $("pose-crop-preview").width = size;
+    $("pose-crop-preview").height = size;
+    const mib = (encoder.bytes / 2 ** 20).toFixed(1);
+    $("pose-info").textContent =
+      `encoder ${contract.version}, ${precision} (${mib} MiB), S=${size}, D=${contract.pose_dim}`;
+    return {
+      contract,
+      encoder,
+      detector,
+      cropMode,
+      status: "streaming",
+      scale: crop.scale || 1.8,
+      smoother: new LpdPose.BoxSmoother({
+        minCutoff: smoothing.min_cutoff_hz ?? 1.0,
+        beta: smoothing.beta ?? 1.0,
+        dCutoff: smoothing.d_cutoff_hz ?? 1.0,
+        cutThreshold: smoothing.cut_threshold ?? 0.5,
+        cutScale: smoothing.cut_scale_ratio ?? 1.5,
+      }),
+      grab: document.createElement("canvas"),
+      cropCanvas: document.createElement("canvas"),
+      scratch: document.createElement("canvas"),
+      stats: { encoderMs: [], detectMs: [], cropMs: [], latencyMs: [], renderMs: [], bytes: 0 },
+    };
+  }
+
+  function keep(samples, value) {
+    samples.push(value);
+    if (samples.length > STATS_KEPT) samples.shift();
+  }
+
+  function mean(samples) {
+    return samples.reduce((a, b) => a + b, 0) / Math.max(1, samples.length);
+  }
+
+  function guideBox(width, height) {
+    const side = GUIDE_SIDE * Math.min(width, height);
+    const cx = width / 2;
+    const cy = height / 2;
+    return { x0: cx - side / 2, y0: cy - side / 2, x1: cx + side / 2, y1: cy + side / 2 };
+  }
+
+  // The face (or guide) box and the crop window, over the camera preview.
+  function drawOverlay(width, height, face, box) {
+    const overlay = $("live-overlay");
+    if (overlay.width !== width || overlay.height !== height) {
+      overlay.width = width;
+      overlay.height = height;
+    }
+    const ctx = overlay.getContext("2d");
+    ctx.clearRect(0, 0, width, height);
+    ctx.lineWidth = Math.max(2, width / 200);
+    if (face) {
+      ctx.setLineDash([6, 4]);
+      ctx.strokeStyle = "#ffd400";
+      ctx.strokeRect(face.x0, face.y0, face.x1 - face.x0, face.y1 - face.y0);
+    }
+    if (box) {
+      ctx.setLineDash([]);
+      ctx.strokeStyle = "#2fd35b";
+      const win = LpdPose.cropWindow(box);
+      ctx.strokeRect(win.x0, win.y0, win.side, win.side);
+    }
+  }
+
+  function clearOverlay() {
+    const overlay = $("live-overlay");
+    overlay.getContext("2d").clearRect(0, 0, overlay.width, overlay.height);
+  }
+
+  // Grab the camera frame, find the face, crop, encode, send 2 x D bytes. In "after each
+  // reply" mode only when no descriptor is out (a watchdog resends after 5 s).
+  async function sendPose(state) {
+    if (live !== state || state.ws.readyState !== WebSocket.OPEN || state.encoding) return;
+    const paced = Number($("live-fps").value) === 0;
+    const camera = $("live-camera");
+    if (!camera.videoWidth) {
+      setTimeout(() => sendFrame(state), 100); // camera not started yet
+      return;
+    }
+    const pose = state.pose;
+    const stats = pose.stats;
+    const scale = Math.min(1, 640 / camera.videoWidth);
+    const width = Math.round(camera.videoWidth * scale);
+    const height = Math.round(camera.videoHeight * scale);
+    state.encoding = true;
+    let sent = false;
+    try {
+      pose.grab.width = width;
+      pose.grab.height = height;
+      pose.grab.getContext("2d").drawImage(camera, 0, 0, width, height);
+      let face = null;
+      if (pose.detector) {
+        const start = performance.now();
+        face = pose.detector.detect(pose.grab)[0] || null; // the largest
+        keep(stats.detectMs, performance.now() - start);
+      } else {
+        face = guideBox(width, height);
+      }
+      const detected = face ? LpdPose.squareBox(face, pose.scale) : null;
+      const box = pose.smoother.update(detected, performance.now() / 1000);
+      drawOverlay(width, height, face, box);
+      if (!box) {
+        setLiveStatus("looking for a face...");
+        return;
+      }
+      const start = performance.now();
+      const size = pose.encoder.size;
+      const { grab, cropCanvas, scratch } = pose;
+      const crop = LpdPose.cropFace(grab, width, height, box, size, cropCanvas, scratch);
+      if (!crop) return; // the held box lies outside this frame
+      keep(stats.cropMs, performance.now() - start);
+      $("pose-crop-preview").getContext("2d").putImageData(crop.image, 0, 0);
+      const encoded = await pose.encoder.encode(LpdPose.toPlanarRgb(crop.image.data, size));
+      keep(stats.encoderMs, encoded.ms);
+      const wire = LpdPose.toFloat16Bytes(encoded.pose);
+      if (live !== state || state.ws.readyState !== WebSocket.OPEN) return;
+      const seq = state.seq++;
+      state.sentAt.set(seq, performance.now());
+      state.ws.send(wire);
+      sent = true;
+      stats.bytes = wire.byteLength;
+      $("live-bytes").textContent = `${wire.byteLength} B/frame`;
+      $("live-encoder").textContent = `${mean(stats.encoderMs).toFixed(1)} ms`;
+      if (!pose.detector) pose.status = "streaming (guide box: keep your face in the square)";
+      else pose.status = face ? "streaming" : "no face in this frame: the last box is reused";
+      if (paced) {
+        state.waiting = true;
+        clearTimeout(state.watchdog);
+        state.watchdog = setTimeout(() => nextFrame(state), 5000);
+      }
+    } catch (exc) {
+      showError(exc, "Pose mode");
+      stopLive("stopped: the pose encoder failed");
+    } finally {
+      state.encoding = false;
+      if (!sent && paced && live === state) setTimeout(() => sendFrame(state), 100);
+    }
+  }
+
+  function showLiveMode() {
+    const pose = $("live-mode").value === "pose";
+    $("pose-options").hidden = !pose;
+    for (const element of document.querySelectorAll(".pose-stat")) element.hidden = !pose;
+    $("live-paste-back").disabled = pose;
+    if (pose) $("live-paste-back").checked = false;
+  }
+
+  // For tests and the curious (the browser console): the page's own code paths on given input.
+  const poseDebug = {
+    // Encode one S x S crop (RGB bytes, row-major, HWC) with the page's encoder.
+    async encodeCrop(rgb, precision) {
+      const encoder = await poseEncoder(precision);
+      const size = encoder.size;
+      const rgba = new Uint8ClampedArray(4 * size * size);
+      for (let i = 0; i < size * size; i++) {
+        rgba.set(rgb.slice(3 * i, 3 * i + 3), 4 * i);
+        rgba[4 * i + 3] = 255;
+      }
+      const encoded = await encoder.encode(LpdPose.toPlanarRgb(rgba, size));
+      const wire = new Uint8Array(LpdPose.toFloat16Bytes(encoded.pose));
+      return { pose: Array.from(encoded.pose), wire: Array.from(wire), ms: encoded.ms };
+    },
+    // Mean encoder time over `runs` runs on one crop, after one warm-up run.
+    async timeEncoder(precision, runs) {
+      const encoder = await poseEncoder(precision);
+      const planar = new Uint8Array(3 * encoder.size * encoder.size).map((_, i) => (i * 37) % 256);
+      await encoder.encode(planar);
+      const times = [];
+      for (let i = 0; i < runs; i++) times.push((await encoder.encode(planar)).ms);
+      return times;
+    },
+    // Faces in the image at `url` and the page's S x S crop (RGB bytes) of the largest.
+    async detectAndCrop(url) {
+      const contract = await poseContract();
+      const detector = await LpdPose.loadDetector(contract.crop.min_confidence);
+      const image = new Image();
+      image.src = url;
+      await image.decode();
+      const canvas = document.createElement("canvas");
+      canvas.width = image.naturalWidth;
+      canvas.height = image.naturalHeight;
+      canvas.getContext("2d").drawImage(image, 0, 0);
+      const faces = detector.detect(canvas);
+      if (!faces.length) return { faces, crop: null };
+      const box = LpdPose.squareBox(faces[0], contract.crop.scale);
+      const size = contract.image_size;
+      const crop = LpdPose.cropFace(
+        canvas, canvas.width, canvas.height, box, size,
+        document.createElement("canvas"), document.createElement("canvas"),
+      );
+      const rgb = [];
+      const pixels = crop.image.data;
+      for (let i = 0; i < pixels.length; i += 4) rgb.push(pixels[i], pixels[i + 1], pixels[i + 2]);
+      return { faces, window: crop.window, crop: rgb };
+    },
+    stats() {
+      return live && live.pose ? JSON.parse(JSON.stringify(live.pose.stats)) : null;
+    },
+    // Pretend the cached contract is of another version (as after a server update).
+    staleVersion(version) {
+      if (poseCache) poseCache.contract = { ...poseCache.contract, version };
+    },
+  };
+  window.lpdPoseDebug = poseDebug;
 
   // --- wiring --------------------------------------------------------------------------------
 
@@ -671,8 +990,10 @@
     $("reenact-cancel").addEventListener("click", () => cancelJob("reenact"));
     $("live-start").addEventListener("click", startLive);
     $("live-stop").addEventListener("click", () => stopLive());
+    $("live-mode").addEventListener("change", showLiveMode);
     syncOptions();
     showDriverSource();
+    showLiveMode();
     document.body.dataset.ready = "true";
     if (apiKey()) checkKey();
   }

@@ -83,8 +83,11 @@ def test_concurrent_requests_are_batched(triton: Triton, frames: np.ndarray) -> 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda i: triton.backend.encode_pose(frames[i % 6 : i % 6 + 1]), range(64)))
     inferences, executions = counts()
-    assert inferences - inferences0 == 64
-    assert executions - executions0 < 64  # some executions served several requests
+    # The session's server is shared: a request of another test still in flight (the reenact
+    # BLS model calls pose_encoder too) may land in this window, so count at least ours.
+    assert inferences - inferences0 >= 64
+    # Batching: fewer executions than inferences (some executions served several requests).
+    assert executions - executions0 < inferences - inferences0
 
 
 def test_finetuned_avatar_served_on_demand_and_evicted(

@@ -55,6 +55,14 @@ IDS = {
     "live-canvas",
     "live-latency",
     "live-dropped",
+    "live-mode",
+    "pose-precision",
+    "pose-crop",
+    "live-bytes",
+    "live-encoder",
+    "live-render",
+    "live-overlay",
+    "pose-crop-preview",
 }
 FORM_CONTROLS = {"input", "select", "textarea"}
 
@@ -147,6 +155,7 @@ def test_the_script_only_names_ids_that_exist(page: PageParser) -> None:
     [
         ("/static/index.html", "text/html"),
         ("/static/app.js", "text/javascript"),
+        ("/static/pose.js", "text/javascript"),
         ("/static/style.css", "text/css"),
     ],
 )
@@ -163,14 +172,14 @@ def test_static_files_have_their_content_types(
 
 
 def test_the_page_links_only_its_own_assets(client: TestClient, page: PageParser) -> None:
-    assert sorted(page.assets) == ["/static/app.js", "/static/style.css"]
+    assert sorted(page.assets) == ["/static/app.js", "/static/pose.js", "/static/style.css"]
     for asset in page.assets:
         assert client.get(asset).status_code == 200
 
 
 def test_no_external_urls_in_the_assets() -> None:
     files = sorted(p for p in STATIC_DIR.rglob("*") if p.is_file())
-    assert {p.name for p in files} == {"index.html", "app.js", "style.css"}
+    assert {p.name for p in files} == {"index.html", "app.js", "pose.js", "style.css"}
     for path in files:
         text = path.read_text()
         assert not re.search(r"https?://", text), path.name

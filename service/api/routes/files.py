@@ -18,22 +18,22 @@ from sqlalchemy.orm import Session
 from service.api.deps import PrincipalDep, SessionDep, SignerDep, StoreDep
 from service.api.routes.jobs import get_job_or_404
 from service.errors import ApiError, error_example
-from service.models import Job, JobKind, JobStatus
+from service.models import RESULT_KINDS, Job, JobKind, JobStatus
 from service.signing import InvalidSignature
 from service.storage import ArtifactStore
 
 router = APIRouter(tags=["results"])
 
-FileName = Literal["video", "mask"]
-MEDIA_TYPES: Final = {".mp4": "video/mp4", ".webm": "video/webm"}
+FileName = Literal["video", "mask", "zip"]
+MEDIA_TYPES: Final = {".mp4": "video/mp4", ".webm": "video/webm", ".zip": "application/zip"}
 VIDEO_CONTENT: Final[dict[str, dict[str, str]]] = {"video/mp4": {}, "video/webm": {}}
 REDIRECT: Final = {"description": "With storage=s3: `Location` is a presigned URL of the file."}
 
 
 def result_file(store: ArtifactStore, job: Job, name: str) -> Path:
-    """The stored result `name` of a finished reenactment (maybe only in the bucket), or a
-    typed 404/409/410."""
-    if job.kind is not JobKind.REENACT:
+    """The stored result `name` of a finished reenactment or render (maybe only in the
+    bucket), or a typed 404/409/410."""
+    if job.kind not in RESULT_KINDS:
         raise ApiError(404, "not_found", "this job has no result files")
     if job.status is not JobStatus.SUCCEEDED:
         raise ApiError(
@@ -50,7 +50,8 @@ def result_file(store: ArtifactStore, job: Job, name: str) -> Path:
 
 def _download(store: ArtifactStore, path: Path, job: Job) -> Response:
     media_type = MEDIA_TYPES.get(path.suffix, "application/octet-stream")
-    filename = f"reenactment-{job.id}{path.suffix}"
+    prefix = "render" if job.kind is JobKind.RENDER else "reenactment"
+    filename = f"{prefix}-{job.id}{path.suffix}"
     url = store.download_url(path, filename, media_type)
     if url is not None:  # the bucket serves it: no bytes through the API
         return RedirectResponse(url, status_code=307)
@@ -77,7 +78,8 @@ def _download(store: ArtifactStore, path: Path, job: Job) -> Response:
 def download(
     job_id: str, name: FileName, principal: PrincipalDep, session: SessionDep, store: StoreDep
 ) -> Response:
-    """`video` (the reenactment, as asked: MP4 or WebM) or `mask` (the matte, grey MP4)."""
+    """`video` (the reenactment, as asked: MP4 or WebM), `mask` (the matte, grey MP4) or
+    `zip` (a render's PNG frames)."""
     job = get_job_or_404(session, principal, job_id)
     return _download(store, result_file(store, job, name), job)
 

@@ -25,6 +25,21 @@ detected in this frame; without one the last box is reused, and before the first
 `image` is false and no binary follows (the client's own face is never echoed).
 A message that cannot be used gets `{"type": "error", "code", "message", "seq"?}` (codes
 `frame_too_large`, `not_a_jpeg`, `bad_message`) and the stream goes on.
+
+Pose mode, `?mode=pose&version=V` (`mode=frames` is the default above): the client crops and
+encodes its own frames with the pose encoder of `GET /v1/models/pose-encoder` (the contract:
+crop rule, ONNX files, `version`) and the server runs only the generator. Same auth, close
+codes, rate limit, idle timeout and latest-frame-wins; besides, a `version` other than the
+contract's closes the socket with 4412 (download the contract again; no `version`: trusted),
+an unknown `mode` with 4400.
+- binary: one pose descriptor, exactly 2 x D bytes of little-endian float16 (D = the
+  contract's `pose_dim`); `seq` counts binary messages from 0, unusable ones included.
+- text: the config message as above; `paste_back: true` is refused (`bad_message`).
+- reply per processed descriptor: `{"type": "frame", "seq", "latency_ms", "dropped",
+  "face": true, "image": true, "render_ms"}` (`render_ms`: the generator call), then the
+  S x S render as one binary JPEG (premultiplied, on black).
+- errors, and the stream goes on: `bad_pose_size` (length is not 2 x D; the message says so
+  when it is float32-sized), `bad_pose_values` (NaN, infinity, or |x| > 1e4), `bad_message`.
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ from service.config import Settings
 from service.db import session_scope
 from service.errors import ApiError
 from service.live import (
+    CLOSE_BAD_REQUEST,
     CLOSE_IDLE,
     CLOSE_INTERNAL_ERROR,
     CLOSE_NOT_FOUND,
@@ -61,17 +77,21 @@ from service.live import (
     CLOSE_TOO_MANY_STREAMS,
     CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
+    CLOSE_VERSION_MISMATCH,
     Frame,
     FrameError,
     LatestFrame,
+    LiveBackend,
     LiveSession,
     LiveStreams,
-    StreamBackend,
+    PoseSession,
+    StreamMode,
     StreamOptions,
     StreamRefused,
     apply_config,
 )
 from service.models import AvatarStatus
+from service.pose_encoder import PoseEncoderInfo, PoseEncoderUnavailable, checkpoint_info
 from service.ratelimit import enforce_rate_limit
 from service.triton import InferenceUnavailable, ModelNotReady, TritonError
 
@@ -137,12 +157,17 @@ class _Stream:
     """One connection: a receiving and a processing coroutine around a `LatestFrame`."""
 
     def __init__(
-        self, websocket: WebSocket, settings: Settings, live: LiveStreams, session: LiveSession
+        self,
+        websocket: WebSocket,
+        settings: Settings,
+        live: LiveStreams,
+        session: LiveSession | PoseSession,
     ) -> None:
         self.ws = websocket
         self.settings = settings
         self.live = live
         self.session = session
+        self.mode: StreamMode = "pose" if isinstance(session, PoseSession) else "frames"
         self.options = StreamOptions()
         self.slot = LatestFrame()
         self.send_lock = asyncio.Lock()  # a frame's header and JPEG must stay adjacent
@@ -153,6 +178,18 @@ class _Stream:
             body["seq"] = seq
         async with self.send_lock:
             await self.ws.send_text(json.dumps(body))
+
+    def check(self, data: bytes) -> FrameError | None:
+        """Why a binary message cannot be used, found on receipt (size, pose values), or None."""
+        if isinstance(self.session, PoseSession):
+            try:
+                self.session.check(data)
+            except FrameError as exc:
+                return exc
+        elif len(data) > self.settings.max_stream_frame_bytes:
+            limit = self.settings.max_stream_frame_bytes
+            return FrameError("frame_too_large", f"a frame may be at most {limit} bytes")
+        return None
 
     async def receive(self) -> None:
         """Read client messages until the client leaves; _Closed on idling."""
@@ -166,17 +203,14 @@ class _Stream:
             if message["type"] == "websocket.disconnect":
                 return
             if (data := message.get("bytes")) is not None:
-                if len(data) > self.settings.max_stream_frame_bytes:
-                    limit = self.settings.max_stream_frame_bytes
-                    await self.send_error(
-                        "frame_too_large", f"a frame may be at most {limit} bytes", seq
-                    )
+                if (error := self.check(data)) is not None:
+                    await self.send_error(error.code, error.message, seq)
                 elif self.slot.put(Frame(seq, data, time.monotonic())):
                     self.live.dropped.inc()
                 seq += 1
             elif (text := message.get("text")) is not None:
                 try:
-                    self.options = apply_config(text, self.options)
+                    self.options = apply_config(text, self.options, self.mode)
                 except FrameError as exc:
                     await self.send_error(exc.code, exc.message)
                     continue
@@ -203,6 +237,8 @@ class _Stream:
                 "face": reply.face,
                 "image": reply.image is not None,
             }
+            if reply.render_ms is not None:
+                header["render_ms"] = reply.render_ms
             async with self.send_lock:
                 await self.ws.send_text(json.dumps(header))
                 if reply.image is not None:
@@ -237,19 +273,46 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
         await websocket.close(code, reason[:120])  # a close reason is at most 123 bytes
 
 
+def _pose_version(settings: Settings, version: str | None) -> PoseEncoderInfo:
+    """The contract's version and sizes; StreamRefused 4412 if the client's differs."""
+    try:
+        info = checkpoint_info(settings.base_checkpoint)
+    except PoseEncoderUnavailable as exc:
+        logger.error("stream: %s", exc)
+        raise StreamRefused(CLOSE_INTERNAL_ERROR, "the pose encoder is unavailable") from None
+    if version is not None and version != info.version:
+        raise StreamRefused(
+            CLOSE_VERSION_MISMATCH,
+            f"pose encoder version {version[:20]!r} is not the server's {info.version}: "
+            "download GET /v1/models/pose-encoder again",
+        )
+    return info
+
+
 @router.websocket("/{avatar_id}/stream", name="avatar_stream")
 async def stream_avatar(
-    websocket: WebSocket, avatar_id: str, backend: InferenceDep, token: str | None = None
+    websocket: WebSocket,
+    avatar_id: str,
+    backend: InferenceDep,
+    token: str | None = None,
+    mode: str = "frames",
+    version: str | None = None,
 ) -> None:
-    """Reenact the avatar driven by the client's webcam frames (protocol: module docstring)."""
+    """Reenact the avatar driven by the client's webcam frames, or by pose descriptors the
+    client computed (`mode=pose`); protocol: module docstring."""
     app: Any = websocket.app
     settings: Settings = app.state.settings
     live: LiveStreams = app.state.live
     authorization = websocket.headers.get("authorization") or (token and f"Bearer {token}")
+    pose: PoseEncoderInfo | None = None
     try:
         tenant_id, condition = await run_in_threadpool(
             _admit, websocket, authorization, avatar_id, settings
         )
+        if mode not in ("frames", "pose"):
+            raise StreamRefused(CLOSE_BAD_REQUEST, "mode must be frames or pose")
+        if mode == "pose":
+            pose = await run_in_threadpool(_pose_version, settings, version)
     except StreamRefused as exc:
         if exc.code == CLOSE_UNAUTHORIZED:  # unauthenticated sockets are never accepted
             await websocket.close(exc.code, exc.reason)
@@ -264,31 +327,51 @@ async def stream_avatar(
         return
     try:
         await websocket.accept()
-        await _serve(websocket, settings, live, backend, condition)
+        await _serve(websocket, settings, live, backend, condition, pose)
     finally:
         live.close(tenant_id)
+
+
+async def _session(
+    settings: Settings, backend: LiveBackend, condition: Condition, pose: PoseEncoderInfo | None
+) -> LiveSession | PoseSession:
+    """The connection's renderer; _Closed when Triton is down or serves another model."""
+    try:
+        size = await run_in_threadpool(backend.image_size)
+    except TritonError as exc:
+        raise _inference_failure(exc) from None
+    if pose is not None:
+        if size != pose.image_size:  # Triton's repository is of another checkpoint
+            logger.error(
+                "stream: Triton serves %d px, the base checkpoint is %d px: the pose encoder "
+                "clients download does not match the generator",
+                size,
+                pose.image_size,
+            )
+            raise _Closed(CLOSE_INTERNAL_ERROR, "internal error")
+        return PoseSession(
+            backend, condition, pose.pose_dim, jpeg_quality=settings.stream_jpeg_quality
+        )
+    return LiveSession(
+        backend,
+        await run_in_threadpool(shared_detector),
+        condition,
+        size,
+        jpeg_quality=settings.stream_jpeg_quality,
+        max_pixels=settings.max_stream_frame_pixels,
+    )
 
 
 async def _serve(
     websocket: WebSocket,
     settings: Settings,
     live: LiveStreams,
-    backend: StreamBackend,
+    backend: LiveBackend,
     condition: Condition,
+    pose: PoseEncoderInfo | None = None,
 ) -> None:
     try:
-        try:
-            size = await run_in_threadpool(backend.image_size)
-        except TritonError as exc:
-            raise _inference_failure(exc) from None
-        session = LiveSession(
-            backend,
-            await run_in_threadpool(shared_detector),
-            condition,
-            size,
-            jpeg_quality=settings.stream_jpeg_quality,
-            max_pixels=settings.max_stream_frame_pixels,
-        )
+        session = await _session(settings, backend, condition, pose)
         await _Stream(websocket, settings, live, session).run()
     except _Closed as closed:
         if closed.error is not None:
