@@ -4,9 +4,9 @@ with OpenAPI examples."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Final, Generic, Literal, TypeVar
+from typing import Annotated, Final, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from service.models import (
     RESULT_KINDS,
@@ -29,12 +29,29 @@ _TRACK_ID: Final = "7c1d2e3f-4a5b-4c6d-8e9f-0a1b2c3d4e5f"
 _TIME: Final = "2026-11-26T10:00:00Z"
 
 
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("name is blank")
+    return v.strip()
+
+
+# Shared request fields.
+Label = Annotated[str, AfterValidator(_not_blank)]
+CallbackUrl = Annotated[
+    str | None,
+    Field(
+        max_length=2048,
+        description="Receives a signed POST when the job finishes (see Webhooks).",
+    ),
+]
+
+
 class AvatarOptions(BaseModel):
     """The form fields of `POST /v1/avatars` besides the photos."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("avatar", min_length=1, max_length=200, description="A label for people.")
+    name: Label = Field("avatar", min_length=1, max_length=200, description="A label for people.")
     fine_tune: FineTune = Field(
         FineTune.NONE,
         description="`none`: zero-shot only (identity embedding). `light`: tune the embedding "
@@ -43,18 +60,7 @@ class AvatarOptions(BaseModel):
     steps: int | None = Field(
         None, ge=1, description="Fine-tune steps; default grows with the number of photos."
     )
-    callback_url: str | None = Field(
-        None,
-        max_length=2048,
-        description="Receives a signed POST when the job finishes (see Webhooks).",
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _strip(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("name is blank")
-        return v.strip()
+    callback_url: CallbackUrl = None
 
 
 class JobError(BaseModel):
@@ -298,11 +304,7 @@ class ReenactOptions(BaseModel):
         "the driver) instead of returning the head crop.",
     )
     keep_audio: bool = Field(True, description="Copy the driver's audio track into the result.")
-    callback_url: str | None = Field(
-        None,
-        max_length=2048,
-        description="Receives a signed POST when the job finishes (see Webhooks).",
-    )
+    callback_url: CallbackUrl = None
 
     @model_validator(mode="after")
     def _compatible(self) -> ReenactOptions:
@@ -327,24 +329,13 @@ class PoseTrackOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("pose track", min_length=1, max_length=200, description="A label.")
+    name: Label = Field("pose track", min_length=1, max_length=200, description="A label.")
     keep_video: bool = Field(
         True,
         description="Keep the driver video with the track, so reenactments from it can "
         "`paste_back`; without it only the descriptors, boxes and audio are stored.",
     )
-    callback_url: str | None = Field(
-        None,
-        max_length=2048,
-        description="Receives a signed POST when the job finishes (see Webhooks).",
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _strip(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("name is blank")
-        return v.strip()
+    callback_url: CallbackUrl = None
 
 
 class PoseTrackOut(BaseModel):
@@ -566,9 +557,7 @@ class RenderRequest(BaseModel):
         description="`mp4`: H.264 crops on the generator's background, plus the matte. "
         "`png_zip`: RGBA PNG frames (alpha = the avatar's mask) in a ZIP.",
     )
-    callback_url: str | None = Field(
-        None, max_length=2048, description="Receives a signed POST when the job finishes."
-    )
+    callback_url: CallbackUrl = None
 
     @model_validator(mode="after")
     def _one_source(self) -> RenderRequest:
