@@ -1,4 +1,5 @@
 """Measured quality and disentanglement: metrics, probes, suites and an HTML report.
 
-`python -m evaluation --checkpoint CKPT --suite synthetic --out DIR` (see README, "Evaluation").
+`python -m evaluation --checkpoint CKPT --suite synthetic|real --out DIR` (README, "Evaluation");
+repeat `--checkpoint` or use `--compare NAME=CKPT` to score several checkpoints side by side.
 """

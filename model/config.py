@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+PoseSource = Literal["latent", "keypoints"]
+POSE_SOURCES: tuple[str, ...] = ("latent", "keypoints")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,15 @@ class ModelConfig:
     pose_width_mult: float = 1.0
     pose_dropout: float = 0.2
 
+    # Research baselines and ablations (README, "Baselines and ablations"); the defaults are
+    # the paper's model. pose_source "keypoints" is the paper's FSTH+ baseline: num_keypoints
+    # 2D landmarks go through a small MLP to pose_dim and the same AdaIN path, no pose image.
+    # predict_mask False is the "no segmentation" ablation: RGB only, trained on whole frames.
+    pose_source: PoseSource = "latent"
+    num_keypoints: int = 68  # iBUG-68, what the synthetic clip stores carry
+    keypoint_hidden: int = 256
+    predict_mask: bool = True
+
     # Projection discriminator: one embedding row per training video (meta-learning) or a
     # single row per avatar (fine-tuning, which re-creates the embedding with eps 1e-12).
     num_labels: int = 1
@@ -53,6 +65,10 @@ class ModelConfig:
             raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
         if len(self.identity_layers) != 4:
             raise ValueError("identity_layers needs four stage depths (a torchvision ResNet)")
+        if self.pose_source not in POSE_SOURCES:
+            raise ValueError(f"pose_source must be one of {POSE_SOURCES}, got {self.pose_source!r}")
+        if self.num_keypoints < 1 or self.keypoint_hidden < 1 or self.pose_dim < 1:
+            raise ValueError("num_keypoints, keypoint_hidden and pose_dim must be positive")
 
     # --- derived sizes -------------------------------------------------------------------
     @property

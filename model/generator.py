@@ -59,7 +59,8 @@ class Generator(nn.Module):
             c, res = c_out, res * 2
         self.blocks = nn.ModuleList(blocks)
         self.head_norm = AdaIN(c, cfg.norm_eps)
-        self.head = sn_conv(c, 4, 3, cfg.sn_eps)  # 3x3 as in the code (the paper says 1x1)
+        # 3x3 as in the code (the paper says 1x1); RGB + mask, or RGB alone without the mask.
+        self.head = sn_conv(c, 4 if cfg.predict_mask else 3, 3, cfg.sn_eps)
         self.mlp = AdaINProjector(cfg, num_outputs=2 * sum(n.channels for n in self.adain_layers()))
 
     def adain_layers(self) -> list[AdaIN]:
@@ -83,5 +84,7 @@ class Generator(nn.Module):
             (b1, g1), (b2, g2) = adain[2 * i], adain[2 * i + 1]
             x = block(x, [b1, g1, b2, g2])
         beta, gamma = adain[-1]
-        t = torch.tanh(self.head(F.relu(self.head_norm(x, beta, gamma))))  # (B, 4, H, W)
+        t = torch.tanh(self.head(F.relu(self.head_norm(x, beta, gamma))))  # (B, 4 or 3, H, W)
+        if not self.cfg.predict_mask:  # "no segmentation" ablation: the whole frame is foreground
+            return GeneratorOutput(rgb=0.75 * t + 0.5, mask=torch.ones_like(t[:, :1]))
         return GeneratorOutput(rgb=0.75 * t[:, :3] + 0.5, mask=0.5 * t[:, 3:] + 0.5)

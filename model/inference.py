@@ -4,6 +4,8 @@ Tensor conventions (inputs and outputs):
 - images are (N, 3, H, W) RGB, H = W = config.image_size, float in [0, 1] or uint8 in
   [0, 255] (converted); any device (moved to the model's).
 - identity is a float32 (identity_dim,) vector; poses are float32 (N, pose_dim).
+- keypoints (the FSTH+ baseline, config.pose_source "keypoints") are (N, L, 2) float (x, y)
+  in crop pixels divided by the crop size; such a model has no image pose encoder.
 - `render` returns float32 on the model's device: rgb (N, 3, H, W) in [0, 1], already
   multiplied by the mask (black background, as the official drive.py writes), and mask
   (N, 1, H, W) in [0, 1]. Composite over a background with rgb + (1 - mask) * background.
@@ -56,7 +58,9 @@ class InferenceModel:
         # "reduce-overhead" (CUDA graphs) for launch-bound single-frame GPU inference.
         mode = compile if isinstance(compile, str) else None
         self._graphs = mode is not None and "reduce-overhead" in mode
-        self._pose = torch.compile(net.pose_encoder, mode=mode) if compile else net.pose_encoder
+        self.keypoints = self.config.pose_source == "keypoints"
+        pose_net = net.keypoint_encoder if self.keypoints else net.pose_encoder
+        self._pose = torch.compile(pose_net, mode=mode) if compile else pose_net
         self._generator = torch.compile(net.generator, mode=mode) if compile else net.generator
         self.avatar_identity = (
             None if avatar_identity is None else avatar_identity.float().to(self.device)
@@ -97,7 +101,27 @@ class InferenceModel:
     @torch.inference_mode()
     def encode_pose(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) driver crops -> (N, pose_dim) latent pose descriptors."""
+        if self.keypoints:
+            raise ValueError(
+                "this checkpoint is the keypoints baseline (pose_source 'keypoints'): it is "
+                "driven by landmarks, use encode_pose_keypoints"
+            )
         x = self._prepare(frames)
+        with self._autocast():
+            self._graph_step()
+            return self._owned(self._pose(x).float())
+
+    @torch.inference_mode()
+    def encode_pose_keypoints(self, points: torch.Tensor) -> torch.Tensor:
+        """(N, L, 2) driver landmarks in [0, 1] crop coordinates -> (N, pose_dim) (FSTH+)."""
+        if not self.keypoints:
+            raise ValueError("this checkpoint encodes pose from images: use encode_pose")
+        shape = (self.config.num_keypoints, 2)
+        if points.dim() != 3 or tuple(points.shape[1:]) != shape or points.shape[0] == 0:
+            raise ValueError(f"keypoints must be (N>=1, {shape[0]}, 2), got {tuple(points.shape)}")
+        x = points.to(self.device, torch.float32)
+        if not torch.isfinite(x).all():
+            raise ValueError("keypoints must be finite (NaN marks a frame with no face found)")
         with self._autocast():
             self._graph_step()
             return self._owned(self._pose(x).float())

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.encoders import IdentityEmbedding, IdentityEncoder, PoseEncoder
+from model.encoders import IdentityEmbedding, IdentityEncoder, KeypointEncoder, PoseEncoder
 from model.generator import Generator, GeneratorOutput
 
 
@@ -24,16 +24,24 @@ class Reenactor(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.identity_encoder = IdentityEncoder(cfg)
-        self.pose_encoder = PoseEncoder(cfg)
+        # The FSTH+ baseline has a landmark MLP instead of the image pose encoder (a model has
+        # one or the other, so exporters written for pose_encoder fail loudly on a baseline).
+        if cfg.pose_source == "keypoints":
+            self.keypoint_encoder = KeypointEncoder(cfg)
+        else:
+            self.pose_encoder = PoseEncoder(cfg)
         self.generator = Generator(cfg)
 
     def embed_identity(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, K, 3, H, W) identity frames -> (B, identity_dim), the mean over K."""
         return self.identity_encoder(frames).mean
 
-    def encode_pose(self, frames: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) driver frames -> (N, pose_dim)."""
-        return self.pose_encoder(frames)
+    def encode_pose(self, driver: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) driver frames, or (N, L, 2) landmarks for pose_source "keypoints",
+        -> (N, pose_dim)."""
+        if self.cfg.pose_source == "keypoints":
+            return self.keypoint_encoder(driver)
+        return self.pose_encoder(driver)
 
     def render(self, identity: torch.Tensor, pose: torch.Tensor) -> GeneratorOutput:
         """identity (N, identity_dim) or (identity_dim,), pose (N, pose_dim)."""
@@ -42,7 +50,7 @@ class Reenactor(nn.Module):
         return self.generator(identity, pose)
 
     def forward(self, identity_frames: torch.Tensor, driver: torch.Tensor) -> ReenactmentOutput:
-        """Meta-learning forward: K identity frames and one driver frame per sample."""
+        """Meta-learning forward: K identity frames and one driver (frame or landmarks) each."""
         identity = self.identity_encoder(identity_frames)
         out = self.render(identity.mean, self.encode_pose(driver))
         return ReenactmentOutput(rgb=out.rgb, mask=out.mask, identity=identity)

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 Image = np.ndarray  # (H, W, 3) uint8 RGB
+Points = np.ndarray  # (L, 2) float32 pixel (x, y)
 Rng = np.random.Generator
 
 
@@ -175,8 +176,19 @@ class PoseAugmenter:
         self, pose: Image, target: Image, mask: np.ndarray, rng: Rng
     ) -> tuple[Image, Image, np.ndarray]:
         """Augment the pose input alone, then shift all three by one shared draw."""
+        pose, target, mask, _ = self.augment(pose, target, mask, rng)
+        return pose, target, mask
+
+    def augment(
+        self, pose: Image, target: Image, mask: np.ndarray, rng: Rng, points: Points | None = None
+    ) -> tuple[Image, Image, np.ndarray, Points | None]:
+        """`__call__`, also moving (L, 2) pixel landmarks of the target with the shared shift.
+
+        Landmarks (the keypoints baseline's pose input) get only the shift, which keeps them
+        on the target; the appearance and rescale steps belong to the pose image.
+        """
         if not self.config.enabled:
-            return pose, target, mask
+            return pose, target, mask, points
         pose = self.pose_only(pose, rng)
         if rng.random() < self.config.shift_p:
             h, w = pose.shape[:2]
@@ -184,4 +196,6 @@ class PoseAugmenter:
             pose = shift(pose, dx, dy, cv2.BORDER_REFLECT_101, cv2.INTER_LINEAR)
             target = shift(target, dx, dy, cv2.BORDER_CONSTANT, cv2.INTER_LINEAR)
             mask = shift(mask, dx, dy, cv2.BORDER_CONSTANT, cv2.INTER_LINEAR)
-        return pose, target, mask
+            if points is not None:
+                points = points + np.array([dx, dy], np.float32)
+        return pose, target, mask, points

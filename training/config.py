@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from model.config import ModelConfig
 from training.augment import PoseAugmentConfig
 from training.data import DataConfig
 from training.losses import LossWeights
@@ -37,6 +38,9 @@ class OptimConfig:
 class TrainConfig:
     data: DataConfig
     preset: str = "tiny-64"
+    # ModelConfig fields replaced on the preset: the research variants (pose_source,
+    # predict_mask, pose_dim; README, "Baselines and ablations"). Empty = the preset as is.
+    model: dict[str, Any] = field(default_factory=dict)
     run_dir: str = "runs/metalearn"
     steps: int = 1000
     batch_size: int = 8  # per process
@@ -58,6 +62,10 @@ class TrainConfig:
     log_every: int = 10
     image_every: int = 200
     checkpoint_every: int = 500
+    # Warm start (named deviation, used by the demo's polish tail): reenactor and EMA weights
+    # from this checkpoint, the discriminator too when it has one; optimisers start fresh. A
+    # run directory with saved state resumes instead and ignores it.
+    init_from: str | None = None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -103,10 +111,37 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[leaf] = yaml.safe_load(raw)
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file; `extends: other.yaml` (relative to it) is read first and overlaid.
+
+    Variant recipes (training/configs/ablations/) name only what differs from their base.
+    """
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    parent = data.pop("extends", None)
+    return _merge(read_yaml(path.parent / parent), data) if parent else data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def model_config(config: TrainConfig, num_labels: int = 1) -> ModelConfig:
+    """The preset with `config.model` fields replaced (unknown fields are an error)."""
+    base = ModelConfig.preset(config.preset).to_dict()
+    return ModelConfig.from_dict({**base, **config.model, "num_labels": num_labels})
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     data: dict[str, Any] = {}
     if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = read_yaml(path)
     for override in overrides:
         apply_override(data, override)
     if "root" not in data.get("data", {}):
@@ -133,5 +168,7 @@ __all__ = [
     "PoseAugmentConfig",
     "TrainConfig",
     "load_config",
+    "model_config",
+    "read_yaml",
     "save_config",
 ]

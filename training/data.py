@@ -1,7 +1,8 @@
 """Meta-learning samples (paper Section 3): per video, K identity frames and one driver.
 
 The driver is pose-augmented (official recipe, `training.augment`); the identity frames
-never are. The label is the video's row in the discriminator's embedding matrix.
+never are. The label is the video's row in the discriminator's embedding matrix. The
+keypoints baseline also gets the driver's landmarks, which the clip store keeps per frame.
 Randomness comes from (seed, epoch, index), so any sample can be reproduced exactly.
 """
 
@@ -42,6 +43,9 @@ class Sample(NamedTuple):
     target: torch.Tensor  # (3, S, S) driver (shared shift only); multiply by mask for loss
     mask: torch.Tensor  # (1, S, S) float32 in [0, 1]
     label: int  # video index
+    # (L, 2) driver landmarks in [0, 1] crop coordinates, moved with the target's shift; only
+    # for the keypoints baseline (VideoDataset(keypoints=True)), else (0, 2).
+    keypoints: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,9 @@ def list_videos(root: str | Path, split: Split, val_fraction: float, seed: int) 
 class VideoDataset(Dataset[Sample]):
     """One item per video; call `set_epoch` so each epoch draws new frames."""
 
-    def __init__(self, config: DataConfig):
+    def __init__(self, config: DataConfig, keypoints: bool = False):
         self.config = config
+        self.keypoints = keypoints
         self.videos = list_videos(config.root, config.split, config.val_fraction, config.seed)
         if not self.videos:
             raise ValueError(f"no {config.split} videos under {config.root}")
@@ -105,16 +110,43 @@ class VideoDataset(Dataset[Sample]):
         rng = np.random.default_rng((self.config.seed, self.epoch, index))
         video = self.videos[index]
         frames = self._choose_frames(video, rng)
+        points = None
+        if self.keypoints:
+            frames, points = self._landmarked_driver(video, frames)
         images = [self._image(video, f) for f in frames]
         mask = self._mask(video, frames[-1])
-        pose, target, mask = self.augment(images[-1], images[-1], mask, rng)
+        size = images[-1].shape[0]
+        if points is not None:
+            points = points * size  # pixels of the (resized) crop, for the shared shift
+        pose, target, mask, points = self.augment.augment(images[-1], images[-1], mask, rng, points)
         return Sample(
             identity_images=torch.stack([_to_tensor(x) for x in images[:-1]]),
             pose_image=_to_tensor(pose),
             target=_to_tensor(target),
             mask=torch.from_numpy(mask.astype(np.float32) / 255)[None],
             label=index,
+            keypoints=torch.zeros(0, 2) if points is None else torch.from_numpy(points / size),
         )
+
+    def _landmarked_driver(self, video: Video, frames: list[int]) -> tuple[list[int], np.ndarray]:
+        """Frames with a driver whose landmarks were found, and those landmarks / crop size.
+
+        A driver without landmarks (NaN: no face found) swaps places with the first chosen
+        identity frame that has them.
+        """
+        for j in (len(frames) - 1, *range(len(frames) - 1)):
+            clip, i = self._locate(video, frames[j])
+            if clip.landmarks is None:
+                raise ValueError(
+                    f"{clip.path}: no landmarks stored; the keypoints baseline needs them "
+                    "(synthetic stores have them; real data: training.prepare --landmarks)"
+                )
+            points = clip.landmarks[i]
+            if np.isfinite(points).all():
+                frames = list(frames)
+                frames[j], frames[-1] = frames[-1], frames[j]
+                return frames, (points / clip.image_size).astype(np.float32)
+        raise ValueError(f"{video.identity}/{video.name}: no landmarks in any sampled frame")
 
     def _choose_frames(self, video: Video, rng: np.random.Generator) -> list[int]:
         """K identity frames + 1 driver, distinct while the video has enough frames."""

@@ -3,6 +3,9 @@
 On identities held out from training, identity A is driven by every frame of other held-out
 identities B. The synthetic renderer gives the ground truth (A drawn in B's pose); the model
 is compared with two baselines: copying A's identity frame, and the same network untrained.
+A control tells whether the output follows the driver's pose at all: the same model driven by
+another frame of the same driver (`*_other_frame`). A model that ignores pose and paints A's
+average face scores the same either way, and can still beat copying one identity frame.
 With `--finetune-steps N` each A is also fine-tuned on its own K identity frames first (the
 paper's few-shot recipe, as the service's fine-tune job runs it), and scored as `finetuned`.
 Writes metrics.json and a grid PNG of cross-person reenactments.
@@ -94,8 +97,11 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
     methods: tuple[str, ...] = ("trained", "copy_identity_frame", "untrained")
     if cfg.finetune_steps > 0:
         methods = ("trained", "finetuned", "copy_identity_frame", "untrained")
-    errors: dict[str, list[float]] = {m: [] for m in methods}
-    psnrs: dict[str, list[float]] = {m: [] for m in methods}
+    # Controls, scored but not drawn: each ground-truth frame against the model driven by
+    # another of the driver's frames (the pose-following check).
+    controls = tuple(f"{m}_other_frame" for m in methods if m in ("trained", "finetuned"))
+    errors: dict[str, list[float]] = {m: [] for m in methods + controls}
+    psnrs: dict[str, list[float]] = {m: [] for m in methods + controls}
     pose_change: list[float] = []  # |driver pose - identity frame 0 pose| (yaw, pitch, roll, mouth)
     grid_rows: list[torch.Tensor] = []
     for a, clip_a in enumerate(scored):
@@ -125,13 +131,16 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
                 "untrained": untrained.reenact(embeddings["untrained"], drivers).rgb,
                 "copy_identity_frame": copy.expand_as(gt),
             }
+            other = drivers.roll(1, dims=0)  # frame j is driven by the driver's frame j - 1
+            outputs["trained_other_frame"] = trained.reenact(embeddings["trained"], other).rgb
             if tuned is not None:
                 assert tuned.avatar_identity is not None
                 outputs["finetuned"] = tuned.reenact(tuned.avatar_identity, drivers).rgb
+                outputs["finetuned_other_frame"] = tuned.reenact(tuned.avatar_identity, other).rgb
             pose_change += [
                 float(np.abs(clip_b.extras["pose_params"][j][:4] - pose_a).sum()) for j in js
             ]
-            for m in methods:
+            for m in methods + controls:
                 errors[m] += (outputs[m] - gt).abs().mean(dim=(1, 2, 3)).tolist()
                 psnrs[m] += psnr(outputs[m], gt).tolist()
             if len(grid_rows) < 8:

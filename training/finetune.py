@@ -147,6 +147,8 @@ def finetune(
     cfg = config or FinetuneConfig()
     ckpt = load_checkpoint(base)
     model_cfg = ckpt.config
+    if model_cfg.pose_source != "latent":
+        raise ValueError(f"{base}: a keypoint-driven baseline; fine-tuning drives with images")
     _check_inputs(images, masks, model_cfg)
     for kind, path in (("vgg19", cfg.vgg19_weights), ("vggface", cfg.vggface_weights)):
         if getattr(cfg.losses, kind) and path is None:
@@ -191,7 +193,9 @@ def finetune(
         triples = [augmenter(images[i], images[i], masks[i], rng) for i in idx]
         pose_t = _batch([t[0] for t in triples], dev)
         mask_t = _batch_masks([t[2] for t in triples], dev)
-        real = _batch([t[1] for t in triples], dev) * mask_t
+        real = _batch([t[1] for t in triples], dev)
+        if model_cfg.predict_mask:  # the "no segmentation" ablation learns whole frames
+            real = real * mask_t
 
         avatar.train()
         avatar.reenactor.pose_encoder.eval()  # frozen: no BatchNorm drift
@@ -203,9 +207,10 @@ def finetune(
         g_terms = {
             "adversarial": L.hinge_g(d_fake.score),
             "feature_matching": L.feature_matching(d_fake.features, d_real.features),
-            "dice": L.dice(out_g.mask, mask_t),
-            "l1": (fake - real).abs().mean(),
         }
+        if model_cfg.predict_mask:
+            g_terms["dice"] = L.dice(out_g.mask, mask_t)
+        g_terms["l1"] = (fake - real).abs().mean()
         for kind, net in perceptual.items():
             g_terms[kind] = net(fake, real)
         g_total = sum(getattr(cfg.losses, k) * v for k, v in g_terms.items())

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from model.config import ModelConfig
 from model.discriminator import Discriminator, DiscriminatorOutput
 from model.reenactor import Reenactor
 from training import losses as L
-from training.config import OptimConfig, TrainConfig, save_config, to_dict
+from training.config import OptimConfig, TrainConfig, model_config, save_config, to_dict
 from training.data import Sample, VideoDataset
 from training.distributed import DistInfo, average_gradients, init_from_env, shutdown
 
@@ -107,14 +107,14 @@ def generator_losses(
     cfg: TrainConfig,
     out: Any,
     batch: Sample,
+    real: torch.Tensor,
     disc: Discriminator,
     d_real: DiscriminatorOutput,
     perceptual: dict[str, L.PerceptualLoss],
 ) -> dict[str, torch.Tensor]:
-    """Every active G term, unweighted; `total` is the weighted sum."""
+    """Every active G term, unweighted; `total` is the weighted sum. `real`: `real_images`."""
     w = cfg.losses
     fake = out.masked_rgb
-    real = batch.target * batch.mask
     d_fake = disc(fake, batch.label)
     terms: dict[str, torch.Tensor] = {}
     if w.adversarial:
@@ -134,6 +134,25 @@ def generator_losses(
     return terms
 
 
+def real_images(batch: Sample, model_cfg: ModelConfig) -> torch.Tensor:
+    """What D and the losses compare with: the segmented target, or the whole frame when the
+    model predicts no mask (the "no segmentation" ablation learns the background too)."""
+    return batch.target * batch.mask if model_cfg.predict_mask else batch.target
+
+
+def driver_input(batch: Sample, model_cfg: ModelConfig) -> torch.Tensor:
+    """The pose encoder's input: the augmented driver frame, or its landmarks (FSTH+)."""
+    if model_cfg.pose_source != "keypoints":
+        return batch.pose_image
+    if batch.keypoints is None or batch.keypoints.shape[-2] != model_cfg.num_keypoints:
+        got = None if batch.keypoints is None else tuple(batch.keypoints.shape)
+        raise ValueError(
+            f"the keypoints model needs {model_cfg.num_keypoints} driver landmarks per sample "
+            f"(VideoDataset(keypoints=True)), got {got}"
+        )
+    return batch.keypoints
+
+
 @dataclass
 class StepResult:
     out: Any  # ReenactmentOutput
@@ -148,6 +167,8 @@ class Trainer:
         self, cfg: TrainConfig, model_cfg: ModelConfig, info: DistInfo, device: torch.device
     ):
         self.cfg, self.info, self.device = cfg, info, device
+        if not model_cfg.predict_mask and cfg.losses.dice:
+            raise ValueError("a model without a mask has no dice term: set losses.dice=0")
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.reenactor = Reenactor(model_cfg).to(device)
         self.model: nn.Module = self.reenactor  # DDP wrapper after `distribute`
@@ -174,7 +195,7 @@ class Trainer:
 
     def step(self, batch: Sample, index: int) -> StepResult:
         """One official iteration: forward, G step, D step, EMA update."""
-        cfg, disc = self.cfg, self.disc
+        cfg, disc, model_cfg = self.cfg, self.disc, self.reenactor.cfg
         factor = lr_factor(cfg.optim, index, cfg.steps)  # a pure function of the step: resumable
         for opt, lr in ((self.opt_g, cfg.optim.lr_g), (self.opt_d, cfg.optim.lr_d)):
             for group in opt.param_groups:
@@ -185,12 +206,13 @@ class Trainer:
         # Three discriminator passes per step, as official: real (D loss and the feature-
         # matching targets), fake for G (D frozen), fake detached for D.
         with self._autocast():
-            out = self.model(batch.identity_images, batch.pose_image)
+            out = self.model(batch.identity_images, driver_input(batch, model_cfg))
+            real = real_images(batch, model_cfg)
             with torch.set_grad_enabled(update_d):
-                d_real = disc(batch.target * batch.mask, batch.label)
+                d_real = disc(real, batch.label)
         disc.requires_grad_(False)
         with self._autocast():
-            g_terms = generator_losses(cfg, out, batch, disc, d_real, self.perceptual)
+            g_terms = generator_losses(cfg, out, batch, real, disc, d_real, self.perceptual)
         disc.requires_grad_(True)
         if update_g:
             self.opt_g.zero_grad(set_to_none=True)
@@ -219,8 +241,9 @@ def train(cfg: TrainConfig) -> Path:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    dataset = VideoDataset(cfg.data)
-    model_cfg = ModelConfig.preset(cfg.preset, num_labels=dataset.num_labels)
+    keypoints = model_config(cfg).pose_source == "keypoints"
+    dataset = VideoDataset(cfg.data, keypoints=keypoints)
+    model_cfg = model_config(cfg, num_labels=dataset.num_labels)
     size = dataset[0].pose_image.shape[-1]
     if size != model_cfg.image_size:
         raise ValueError(
@@ -239,6 +262,10 @@ def train(cfg: TrainConfig) -> Path:
         step = _resume(run_dir, trainer, sampler)
         if info.is_main:
             log.info("resumed from step %d", step)
+    elif cfg.init_from is not None:
+        _warm_start(Path(cfg.init_from), trainer)
+        if info.is_main:
+            log.info("warm start from %s", cfg.init_from)
     trainer.distribute()
     writer = SummaryWriter(str(run_dir / "tb")) if info.is_main else None
 
@@ -265,7 +292,7 @@ def train(cfg: TrainConfig) -> Path:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
             bar.set_postfix(g=f"{scalars['g/total']:.3f}", d=f"{scalars['d/hinge']:.3f}")
         if writer is not None and (step % cfg.image_every == 0 or step == cfg.steps):
-            grid = _image_grid(batch, result.out)
+            grid = _image_grid(batch, result.out, real_images(batch, trainer.reenactor.cfg))
             writer.add_image("samples", grid, step)
             (run_dir / "samples").mkdir(exist_ok=True)
             save_image(grid, run_dir / "samples" / f"{step:07d}.png")
@@ -319,7 +346,7 @@ def _optimizer_step(
     scaler.update()
 
 
-def _image_grid(batch: Sample, out: Any, n: int = 4) -> torch.Tensor:
+def _image_grid(batch: Sample, out: Any, real: torch.Tensor, n: int = 4) -> torch.Tensor:
     """Rows: identity frame 0, augmented driver, output, predicted mask, target."""
     n = min(n, batch.pose_image.shape[0])
     rows = [
@@ -327,7 +354,7 @@ def _image_grid(batch: Sample, out: Any, n: int = 4) -> torch.Tensor:
         batch.pose_image[:n],
         out.masked_rgb[:n].detach().clamp(0, 1),
         out.mask[:n].detach().expand(-1, 3, -1, -1),
-        (batch.target * batch.mask)[:n],
+        real[:n],
     ]
     return make_grid(torch.cat(rows).float().cpu(), nrow=n, padding=2)
 
@@ -353,6 +380,19 @@ def _save(run_dir: Path, cfg: TrainConfig, step: int, t: Trainer, sampler: Epoch
     tmp = run_dir / f".{STATE_FILE}.tmp"
     torch.save(state, tmp)
     tmp.replace(run_dir / STATE_FILE)
+
+
+def _warm_start(path: Path, t: Trainer) -> None:
+    """Start from a trained checkpoint's weights (EMA preferred: a release keeps only those)."""
+    ckpt = load_checkpoint(path)
+    # The label count only sizes the discriminator's embedding, which a release leaves out.
+    if replace(ckpt.config, num_labels=t.reenactor.cfg.num_labels) != t.reenactor.cfg:
+        raise ValueError(f"{path} holds another model configuration than this run's")
+    weights = ckpt.weights("ema")
+    load_state(t.reenactor, weights, "reenactor")
+    load_state(t.ema.model, weights, "ema")
+    if ckpt.discriminator is not None:
+        load_state(t.disc, ckpt.discriminator, "discriminator")
 
 
 def _resume(run_dir: Path, t: Trainer, sampler: EpochSampler) -> int:

@@ -18,7 +18,7 @@ def test_demo_evaluation_report(tmp_path: Path) -> None:
     cfg = EvalConfig(drivers_per_identity=2, frames_per_driver=2, val_fraction=0.5)
     metrics = evaluate(DEMO, data, tmp_path / "eval", cfg)
     assert metrics["held_out_identities"] == 3 and metrics["pairs_frames"] == 12
-    methods = {"trained", "copy_identity_frame", "untrained"}
+    methods = {"trained", "trained_other_frame", "copy_identity_frame", "untrained"}
     assert set(metrics["l1"]) == set(metrics["psnr_db"]) == methods
     assert metrics["l1"]["trained"] < metrics["l1"]["untrained"]
     assert set(metrics["l1_by_pose_change_tercile"]) == {"small", "medium", "large"}
@@ -35,3 +35,5 @@ def test_finetuned_method_is_scored(tmp_path: Path) -> None:
     metrics = evaluate(DEMO, data, tmp_path / "eval", cfg)
     assert metrics["finetune"] == {"steps": 2, "mode": "full"}
     assert 0 < metrics["l1"]["finetuned"] < metrics["l1"]["untrained"]
+    # One driver frame: the other-frame control is driven by that same frame.
+    assert metrics["l1"]["finetuned_other_frame"] == metrics["l1"]["finetuned"]

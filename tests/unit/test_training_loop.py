@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.reenactor import Reenactor
+from model.release import slim
 from training.config import OptimConfig, load_config
 from training.loop import lr_factor, train
 from training.synthetic import SynthConfig, generate
@@ -82,3 +84,24 @@ def test_learning_rate_tail_decay() -> None:
     assert lr_factor(OptimConfig(), 900, 1000) == 1.0
     tail = OptimConfig(decay_from=0.5)
     assert [lr_factor(tail, s, 1000) for s in (0, 499, 500, 750, 1000)] == [1, 1, 1, 0.5, 0]
+
+
+def test_warm_start_seeds_the_weights(synthetic: Path, tmp_path: Path) -> None:
+    """init_from: a release (EMA weights only) seeds reenactor and EMA; steps count from 0."""
+    base = tmp_path / "base"
+    train(load_config(None, overrides(synthetic, base, steps=2, checkpoint_every=2)))
+    release = tmp_path / "release.safetensors"
+    save_checkpoint(release, slim(load_checkpoint(base / "last.safetensors"), torch.float32))
+    warm = tmp_path / "warm"
+    frozen = ["optim.lr_g=0", "optim.lr_d=0", "ema_decay=1.0", f"init_from={release}"]
+    train(load_config(None, [*overrides(synthetic, warm, steps=1), *frozen]))
+    got, want = load_checkpoint(warm / "last.safetensors"), load_checkpoint(release)
+    assert got.info["step"] == 1
+    assert got.ema is not None
+    # With zero learning rates the parameters stay; buffers (batch-norm statistics, spectral
+    # norm's power-iteration vectors) move in any training forward.
+    params = [name for name, _ in Reenactor(want.config).named_parameters()]
+    assert params
+    for key in params:
+        assert torch.equal(got.reenactor[key], want.reenactor[key]), key
+        assert torch.equal(got.ema[key], want.reenactor[key]), key
