@@ -187,6 +187,22 @@ def is_expired(track: PoseTrack, now: datetime | None = None) -> bool:
     return track.expires_at is not None and track.expires_at <= (now or utcnow())
 
 
+def require_ready(session: Session, track: PoseTrack) -> None:
+    """410 `pose_track_expired` or 409 `pose_track_not_ready` unless its files are usable."""
+    if is_expired(track):
+        raise ApiError(
+            410, "pose_track_expired", "the pose track was deleted after its retention period"
+        )
+    status = effective_status(session, track)
+    if status is not PoseTrackStatus.READY:
+        raise ApiError(
+            409,
+            "pose_track_not_ready",
+            f"the pose track is {status.value}; wait until it is ready",
+            {"status": status.value},
+        )
+
+
 def require_usable(
     session: Session,
     principal: Principal,
@@ -200,18 +216,7 @@ def require_usable(
     another pose encoder than the one served) / `pose_track_no_video` (paste-back needs
     the driver video, which this track did not keep)."""
     track = get_track_or_404(session, principal, track_id, code="pose_track_not_found")
-    if is_expired(track):
-        raise ApiError(
-            410, "pose_track_expired", "the pose track was deleted after its retention period"
-        )
-    status = effective_status(session, track)
-    if status is not PoseTrackStatus.READY:
-        raise ApiError(
-            409,
-            "pose_track_not_ready",
-            f"the pose track is {status.value}; wait until it is ready",
-            {"status": status.value},
-        )
+    require_ready(session, track)
     served = encoder_fingerprint(settings.base_checkpoint)
     if served is not None and track.encoder != served:
         raise ApiError(

@@ -61,6 +61,7 @@ from service.pose_tracks import (
     get_track_or_404,
     is_expired,
     jobs_using,
+    require_ready,
     track_dir,
 )
 from service.queue import REENACT_TASK
@@ -376,18 +377,7 @@ def download_descriptors(
     pixels and `faces` (T,) detection flags: `numpy.load(f)["poses"]`. Edited descriptors go
     back in through `POST /v1/avatars/{id}/render`."""
     track = get_track_or_404(session, principal, track_id)
-    status = _out(session, track).status
-    if status is PoseTrackStatus.EXPIRED:
-        raise ApiError(
-            410, "pose_track_expired", "the pose track was deleted after its retention period"
-        )
-    if status is not PoseTrackStatus.READY:
-        raise ApiError(
-            409,
-            "pose_track_not_ready",
-            f"the pose track is {status.value}; wait until it is ready",
-            {"status": status.value},
-        )
+    require_ready(session, track)
     path = track_dir(store, track.tenant_id, track.id) / DESCRIPTORS
     filename = f"pose-track-{track.id}.npz"
     url = store.download_url(path, filename, "application/octet-stream")
