@@ -75,9 +75,21 @@ def test_outputs_equal_direct_torch(
 
 
 def test_concurrent_requests_are_batched(triton: Triton, frames: np.ndarray) -> None:
-    def counts() -> tuple[int, int]:
+    def read() -> tuple[int, int]:
         stats = triton.get_json("/v2/models/pose_encoder/stats")["model_stats"][0]
         return stats["inference_count"], stats["execution_count"]
+
+    def counts() -> tuple[int, int]:
+        # Triton updates the statistics after it has sent the responses, so a read right
+        # after the last reply may miss some of them: read until two reads agree.
+        last, deadline = read(), time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = read()
+            if now == last:
+                return now
+            last = now
+        return last
 
     inferences0, executions0 = counts()
     with ThreadPoolExecutor(16) as pool:
