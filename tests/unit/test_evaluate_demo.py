@@ -18,10 +18,21 @@ def test_demo_evaluation_report(tmp_path: Path) -> None:
     cfg = EvalConfig(drivers_per_identity=2, frames_per_driver=2, val_fraction=0.5)
     metrics = evaluate(DEMO, data, tmp_path / "eval", cfg)
     assert metrics["held_out_identities"] == 3 and metrics["pairs_frames"] == 12
-    methods = {"trained", "trained_other_frame", "copy_identity_frame", "untrained"}
+    methods = {
+        "trained",
+        "trained_other_frame",
+        "copy_identity_frame",
+        "copy_best_identity_frame",
+        "untrained",
+    }
     assert set(metrics["l1"]) == set(metrics["psnr_db"]) == methods
     assert metrics["l1"]["trained"] < metrics["l1"]["untrained"]
+    # The oracle picks the best of the K frames, so it never loses to always taking the first.
+    l1 = metrics["l1"]
+    assert l1["copy_best_identity_frame"] <= l1["copy_identity_frame"]
     assert set(metrics["l1_by_pose_change_tercile"]) == {"small", "medium", "large"}
+    wins = metrics["win_rate"]["trained"]
+    assert set(wins) == methods - {"trained"} and wins["untrained"] == 1.0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
     assert (tmp_path / "eval" / "cross_reenactment.png").stat().st_size > 1000
 

@@ -69,9 +69,12 @@ def reconstruction_l1(model: InferenceModel, photos: tuple[np.ndarray, np.ndarra
 @pytest.mark.parametrize("mode", ["full", "light"])
 def test_finetune_improves_reconstruction(mode: str, base: Path, photos, tmp_path: Path) -> None:
     seen: list[Progress] = []
-    cfg = FinetuneConfig(mode=mode, steps=30, losses=LOSSES, batch_size=4)
+    # Light mode tunes a few tensors, so it needs more steps for the same gain (the demo
+    # model reconstructs these photos well zero-shot: 30 light steps gain 4.6%, 60 gain 12%).
+    steps = 30 if mode == "full" else 60
+    cfg = FinetuneConfig(mode=mode, steps=steps, losses=LOSSES, batch_size=4)
     result = finetune(base, *photos, tmp_path / "avatar.safetensors", cfg, progress=seen.append)
-    assert [p.step for p in seen] == list(range(1, 31))
+    assert [p.step for p in seen] == list(range(1, steps + 1))
     assert all(p.eta_s >= 0 for p in seen) and seen[-1].eta_s == 0
     assert result.preview.exists()
     before = reconstruction_l1(InferenceModel.from_checkpoint(base), photos)

@@ -105,3 +105,14 @@ def test_warm_start_seeds_the_weights(synthetic: Path, tmp_path: Path) -> None:
     for key in params:
         assert torch.equal(got.reenactor[key], want.reenactor[key]), key
         assert torch.equal(got.ema[key], want.reenactor[key]), key
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[2] / "training" / "configs").rglob("*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_committed_recipes_parse(path: Path) -> None:
+    """Every recipe the README points at loads as a TrainConfig (no stale or misspelt keys)."""
+    cfg = load_config(path)
+    assert cfg.steps > 0 and cfg.data.root.startswith("data/")
