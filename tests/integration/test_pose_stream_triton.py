@@ -311,5 +311,8 @@ def test_the_benchmark_measures_both_modes_side_by_side(
         f"{p}_{t}" for p in ("fp32", "fp16") for t in ("1_thread", "default_threads")
     }
     assert all(e["p50"] > 0 for e in encoders.values())
-    # The same frames through either mode: the crops agree, so do the renders (JPEG, fp16).
-    assert report["frames_vs_pose_render_mean_abs_diff"] < 8
+    # The same frames through either mode give renders of the same pose. They are not equal:
+    # the server crops the JPEG it received, the client the raw frame, and the descriptor is
+    # fp16. A model that follows pose shows those differences: mean 1.6 levels with the
+    # stage-1 demo (which ignored pose), 8.8 with the stage-2 demo.
+    assert report["frames_vs_pose_render_mean_abs_diff"] < 16

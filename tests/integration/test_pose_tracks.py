@@ -142,14 +142,15 @@ def test_a_stored_track_reproduces_the_file_driven_video(
         vb = stack.download(b["video"], tmp_path / "track.mp4")
         fa, fb = decoded(va), decoded(vb)
         assert fa.shape == fb.shape == ((FRAMES, SIDE, SIDE, 3) if options else (FRAMES, 64, 64, 3))
-        # The composed frames are the same (see the generator check below), but libx264 is
-        # not bit-reproducible from run to run (multi-threaded: the same frames encoded 8
-        # times here gave 2 bitstreams), so the decoded videos agree within H.264 noise:
-        # measured mean 0.01-0.14 levels, max 11-15 of 255.
+        # The generator gives the same frames (checked bit for bit above), but the two videos
+        # are not always byte-equal from run to run (the same frames encoded 8 times here gave
+        # 2 bitstreams), so they agree within that noise. Measured: mean 0.0-0.14 levels with
+        # the stage-1 demo, 0.0-0.94 (max 23) with the stage-2 demo, whose frames move more.
+        # A one-frame offset between the two would give a mean of 4-7.
         for x, y in ((fa, fb), _masks(stack, a, b, tmp_path)):
             diff = np.abs(x - y)
-            assert diff.mean() < 0.5, f"mean {diff.mean():.4f}"
-            assert np.percentile(diff, 99) <= 4 and diff.max() <= 32, f"max {diff.max()}"
+            assert diff.mean() < 2, f"mean {diff.mean():.4f}"
+            assert np.percentile(diff, 99) <= 16 and diff.max() <= 48, f"max {diff.max()}"
         assert probe(vb).audio_codec == "aac"
         assert audio_seconds(vb) == pytest.approx(audio_seconds(va), abs=1e-3)
         print(  # the numbers for the report (pytest -s)
