@@ -1,4 +1,5 @@
-"""Image and landmark metrics for reenactment: L1, PSNR, SSIM, normalised landmark error.
+"""Image and landmark metrics for reenactment: L1, PSNR, SSIM, normalised landmark error,
+and the summaries both suites report them with.
 
 Images are (N, C, H, W) tensors in [0, 1]; every image metric returns one float64 value per image.
 """
@@ -6,6 +7,8 @@ Images are (N, C, H, W) tensors in [0, 1]; every image metric returns one float6
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,3 +90,17 @@ def normalised_landmark_error(
     if not math.isfinite(interocular) or interocular <= 0:
         raise ValueError("the truth's eye corners coincide: no inter-ocular distance")
     return float(np.linalg.norm(predicted - truth, axis=1).mean() / interocular)
+
+
+def summary(values: Sequence[float]) -> dict[str, float] | None:
+    """Mean, std and median of per-frame values; None when nothing was measured."""
+    if not values:
+        return None
+    v = np.asarray(values, np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v))}
+
+
+def detection_summary(values: Sequence[float | None]) -> dict[str, Any]:
+    """`summary` of the values an estimator measured (None: it found no face), and their share."""
+    found = [v for v in values if v is not None]
+    return {**(summary(found) or {}), "detected_fraction": len(found) / max(1, len(values))}

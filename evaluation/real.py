@@ -21,7 +21,7 @@ import torch
 from evaluation.images import to_uint8
 from evaluation.landmarks import PoseError
 from evaluation.lpips import LPIPS
-from evaluation.metrics import l1, psnr, ssim
+from evaluation.metrics import detection_summary, l1, psnr, ssim, summary
 from evaluation.models import (
     ScoredModel,
     can_finetune,
@@ -242,23 +242,6 @@ class _Scores:
     pose_error: list[float | None] = field(default_factory=list)
 
 
-def _stats(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v))}
-
-
-def _pose_stats(values: list[float | None], measured: bool) -> dict[str, Any] | None:
-    if not measured:
-        return None
-    found = [v for v in values if v is not None]
-    return {
-        **(_stats(found) or {}),
-        "detected_fraction": len(found) / max(1, len(values)),
-    }
-
-
 def _outputs(
     avatar: InferenceModel, identity: torch.Tensor, model: InferenceModel, driver: Person, n: int
 ) -> torch.Tensor:
@@ -353,28 +336,28 @@ def run_real(
             cross_columns.append(cross_tiles)
     elapsed = time.perf_counter() - start
 
-    def summary(kind: str) -> dict[str, Any]:
+    def scores_of(kind: str) -> dict[str, Any]:
         s, c = self_scores[kind], cross_scores[kind]
         return {
             "self_reenactment": {
                 "frames": len(s.l1),
-                "l1": _stats(s.l1),
-                "psnr_db": _stats(s.psnr),
-                "ssim": _stats(s.ssim),
-                "lpips": _stats(s.lpips),
-                "identity_error": _stats(s.identity_error),
-                "pose_error": _pose_stats(s.pose_error, estimator is not None),
+                "l1": summary(s.l1),
+                "psnr_db": summary(s.psnr),
+                "ssim": summary(s.ssim),
+                "lpips": summary(s.lpips),
+                "identity_error": summary(s.identity_error),
+                "pose_error": detection_summary(s.pose_error) if estimator is not None else None,
             },
             "cross_driving": {
                 "frames": len(c.identity_error),
-                "identity_error": _stats(c.identity_error),
-                "pose_error": _pose_stats(c.pose_error, estimator is not None),
+                "identity_error": summary(c.identity_error),
+                "pose_error": detection_summary(c.pose_error) if estimator is not None else None,
             },
         }
 
     metrics: dict[str, Any] = {
-        "zero_shot": summary("zero_shot"),
-        "finetuned": summary("finetuned") if tune else None,
+        "zero_shot": scores_of("zero_shot"),
+        "finetuned": scores_of("finetuned") if tune else None,
         "finetune": (
             {"steps": cfg.finetune_steps, "mode": cfg.finetune_mode, "photos_max": MAX_IMAGES}
             if tune
@@ -395,7 +378,7 @@ def reference_errors(data: RealData, embedder: FaceEmbedder) -> dict[str, Any]:
         for b, descriptors in enumerate(truths):
             errors = identity_errors(descriptors, person.reference).tolist()
             (same if a == b else other).extend(errors)
-    return {"same_person_holdout": _stats(same), "other_people_holdout": _stats(other)}
+    return {"same_person_holdout": summary(same), "other_people_holdout": summary(other)}
 
 
 def describe_data(data: RealData, cfg: RealSuiteConfig) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from evaluation import expressions
 from evaluation.images import premultiplied, to_uint8
 from evaluation.landmarks import PoseError
 from evaluation.lpips import LPIPS
-from evaluation.metrics import l1, psnr, ssim
+from evaluation.metrics import detection_summary, l1, psnr, ssim, summary
 from evaluation.models import (
     ScoredModel,
     can_finetune,
@@ -140,11 +140,6 @@ def _params(identities: list[IdentityParams]) -> np.ndarray:
     return np.stack([p.to_vector()[list(PROBED_IDENTITY_COLUMNS)] for p in identities])
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v))}
-
-
 # --- cross-person reenactment ---------------------------------------------------------------------
 @dataclass
 class _CrossPerson:
@@ -242,33 +237,33 @@ def _cross_person(
 def _summary(
     cp: _CrossPerson, cfg: SyntheticSuiteConfig, kind: str, lpips: LPIPS | None
 ) -> dict[str, Any]:
-    found = [e for e in cp.pose_error if e is not None]
-    summary: dict[str, Any] = {
+    result: dict[str, Any] = {
         "avatars": AVATAR_KINDS[kind],
         "identities": cfg.identities,
         "pairs": cfg.identities * (cfg.identities - 1),
         "frames": len(cp.l1),
-        "l1": _stats(cp.l1),
-        "psnr_db": _stats(cp.psnr),
-        "ssim": _stats(cp.ssim),
-        "lpips": {**_stats(cp.lpips), "backbone": lpips.kind} if lpips is not None else None,
+        "l1": summary(cp.l1),
+        "psnr_db": summary(cp.psnr),
+        "ssim": summary(cp.ssim),
+        "lpips": {**(summary(cp.lpips) or {}), "backbone": lpips.kind}
+        if lpips is not None
+        else None,
         "pose_error": None,
     }
     if cfg.pose_error:
-        summary["pose_error"] = {
-            **(_stats(found) if found else {}),
-            "detected_fraction": len(found) / max(1, len(cp.pose_error)),
+        result["pose_error"] = {
+            **detection_summary(cp.pose_error),
             "estimator": "mediapipe face mesh (468 points) on output and on ground truth",
             "normaliser": "ground truth's outer-eye-corner distance",
         }
     if kind == "finetuned":
-        summary["finetune"] = {
+        result["finetune"] = {
             "steps": cfg.finetune_steps,
             "mode": cfg.finetune_mode,
             "photos": cfg.k,
             "losses": "adversarial, feature matching, dice and pixel L1 x 10 (no VGG weights)",
         }
-    return summary
+    return result
 
 
 # --- identity leakage ----------------------------------------------------------------------------
