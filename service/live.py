@@ -28,7 +28,7 @@ from media.faces import FaceDetector
 from media.geometry import Box
 from media.smoothing import BoxSmoother
 from service.condition import Condition
-from service.triton import Rendered, Renderer
+from service.triton import PoseRenderer, Renderer
 
 # --- close codes (4xxx mirror the HTTP statuses; 1011 and 1013 are RFC 6455's) ---------------
 
@@ -69,14 +69,6 @@ class FrameError(Exception):
 
 # What a stream needs from inference: service.triton.TritonBackend (fakes in tests).
 StreamBackend = Renderer
-
-
-class PoseRenderer(Protocol):
-    """What a pose-mode stream needs: the generator alone (service.triton.TritonBackend)."""
-
-    def render(
-        self, poses: np.ndarray, identity: np.ndarray | None = None, avatar_id: str | None = None
-    ) -> Rendered: ...
 
 
 class LiveBackend(Renderer, PoseRenderer, Protocol):

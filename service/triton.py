@@ -288,12 +288,11 @@ class Renderer(Protocol):
     ) -> Rendered: ...
 
 
-class InferenceBackend(Renderer, Protocol):
-    """Everything the service and workers need from an inference backend."""
+class PoseRenderer(Protocol):
+    """Pose descriptors in, the avatar out: the generator alone (pose tracks, pose-space
+    renders, pose-mode streams)."""
 
-    def embed_identity(self, images: np.ndarray) -> np.ndarray: ...
-
-    def encode_pose(self, frames: np.ndarray) -> np.ndarray: ...
+    def image_size(self) -> int: ...
 
     def render(
         self,
@@ -301,6 +300,14 @@ class InferenceBackend(Renderer, Protocol):
         identity: np.ndarray | None = None,
         avatar_id: str | None = None,
     ) -> Rendered: ...
+
+
+class InferenceBackend(Renderer, PoseRenderer, Protocol):
+    """Everything the service and workers need from an inference backend."""
+
+    def embed_identity(self, images: np.ndarray) -> np.ndarray: ...
+
+    def encode_pose(self, frames: np.ndarray) -> np.ndarray: ...
 
     def is_ready(self, models: Sequence[str] = ALL_MODELS) -> bool: ...
 

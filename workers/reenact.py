@@ -49,7 +49,7 @@ from service.pose_tracks import (
     track_dir,
 )
 from service.schemas import ReenactOptions
-from service.triton import Rendered, Renderer, TritonBackend, TritonConfig
+from service.triton import PoseRenderer, Rendered, Renderer, TritonBackend, TritonConfig
 from service.uploads import load_photo
 from workers.runtime import Claimed, JobFailure, Reporter, WorkerContext, claim
 
@@ -233,19 +233,6 @@ def _crops(
     chosen = [boxes[min(f.index, len(boxes) - 1)] for f in frames]
     crops = [crop_face(f.image, b, size).image for f, b in zip(frames, chosen, strict=True)]
     return frames, chosen, np.ascontiguousarray(np.stack(crops).transpose(0, 3, 1, 2))
-
-
-class PoseRenderer(Protocol):
-    """What rendering from stored poses needs: the generator alone (service.triton)."""
-
-    def image_size(self) -> int: ...
-
-    def render(
-        self,
-        poses: np.ndarray,
-        identity: np.ndarray | None = None,
-        avatar_id: str | None = None,
-    ) -> Rendered: ...
 
 
 class FrameSink(Protocol):
