@@ -118,9 +118,9 @@ def evaluate(ckpt: Path, data: Path, out: Path, cfg: EvalConfig) -> dict:
     clips = [read_clip(v.clips[0].path) for v in videos]
     scored = clips[: cfg.max_identities] if cfg.max_identities else clips
     rng = np.random.default_rng(cfg.seed)
-    copies = ("copy_identity_frame", "copy_best_identity_frame")
+    copy_methods = ("copy_identity_frame", "copy_best_identity_frame")
     tuned_methods = ("finetuned",) if cfg.finetune_steps > 0 else ()
-    methods: tuple[str, ...] = ("trained", *tuned_methods, *copies, "untrained")
+    methods: tuple[str, ...] = ("trained", *tuned_methods, *copy_methods, "untrained")
     # Controls, scored but not drawn: each ground-truth frame against the model driven by
     # another of the driver's frames (the pose-following check).
     controls = tuple(f"{m}_other_frame" for m in methods if m in ("trained", "finetuned"))
